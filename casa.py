@@ -1,0 +1,821 @@
+"""
+casa.py: a small vision-language model with every fusion design of the CASA paper, in one file.
+
+"CASA: Cross-Attention over Self-Attention for Efficient Vision-Language Fusion", Boehle et al.
+(Kyutai), arXiv 2512.19535. Three ways to let text see an image:
+
+  insertion  the image's N tokens are placed in the text stream after their <|image|> marker: one
+             causal self-attention over the mixed sequence, image tokens go through every layer and
+             stay in the KV cache forever.
+  ca         cross-attention (CA): text queries attend to the image's keys/values in a layer of their
+             own, next to the text self-attention (SA). Image tokens never enter the stream or the
+             text KV cache; only the current image's K/V is cached.
+  ca_tv      "CASA" / CA^{t+v}: the CA layer's keys are the image AND the text of the current window,
+             in one softmax: the self-attention of insertion, restricted to a local window.
+
+plus the paper's ladder from CA to insertion (D1-D4), each one switch in VARIANTS below.
+
+Reading order: tokenizer, building blocks (norm, RoPE, attention, MLP), vision encoder, the
+transformer block, config, the model, its KV cache, generation, analysis helpers.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Tokenizer: 256 byte tokens plus a few special tokens. Works offline (no BPE files to download).
+
+ENDOFTEXT = "<|endoftext|>"  # ends an answer; generation stops on it
+IMAGE = "<|image|>"  # the image marker: binds one image; first token (the gist) of its window
+ANSWER = "<|answer|>"  # separates a prompt from its answer
+SPECIAL_TOKENS = [ENDOFTEXT, IMAGE, ANSWER]
+
+
+def get_tokenizer(name="bytes"):
+    """The project's tokenizer, a tiktoken.Encoding.
+
+    "bytes" (default): 256 byte tokens + the special tokens, ids 256, 257, 258. Needs no download.
+    "gpt2": GPT-2 BPE + <|image|> and <|answer|> (tiktoken downloads its files on first use).
+    """
+    import tiktoken
+
+    if name == "bytes":
+        ranks = {bytes([i]): i for i in range(256)}
+        special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        # one byte per token: the pattern splits the text into single characters, the byte-level
+        # encoding of each is then its UTF-8 bytes
+        return tiktoken.Encoding(name="casa-bytes", pat_str=r"(?s:.)", mergeable_ranks=ranks,
+                                 special_tokens=special)
+    if name == "gpt2":
+        try:
+            gpt2 = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # no network, no cached files
+            raise RuntimeError(
+                "the gpt2 tokenizer needs tiktoken's GPT-2 files, which are downloaded on first use "
+                f"and could not be loaded ({type(e).__name__}). Connect once to the internet or set "
+                "TIKTOKEN_CACHE_DIR to a folder holding them; or use the offline tokenizer 'bytes'."
+            ) from e
+        special = dict(gpt2._special_tokens)
+        special[IMAGE] = gpt2.n_vocab
+        special[ANSWER] = gpt2.n_vocab + 1
+        return tiktoken.Encoding(name="casa-gpt2", pat_str=gpt2._pat_str,
+                                 mergeable_ranks=gpt2._mergeable_ranks, special_tokens=special)
+    raise ValueError(f"unknown tokenizer {name!r}: use 'bytes' (offline) or 'gpt2'")
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with a learned scale (no bias), as in most recent LLMs."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, eps=1e-6)
+
+
+def rope(x, pos, inv_freq):
+    """Rotary position embedding. x (B, H, T, D), pos (B, T) integer positions, inv_freq (D/2,).
+    Computed from the positions on the fly, so a streaming cache can run past block_size."""
+    angles = pos[:, None, :, None].to(inv_freq.dtype) * inv_freq  # (B, 1, T, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def attend(q, k, v, mask):
+    """Scaled dot-product attention. q (B, H, Tq, D); k, v (B, H, Tk, D).
+    mask: (B, Tq, Tk) bool, True where a query may see a key; None means plain causal.
+    A query that may see no key at all (text before the first image, in a CA layer) gets 0."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    empty = ~mask.any(dim=-1)  # (B, Tq)
+    if empty.any():
+        # give empty rows one harmless key so softmax stays finite (in the forward and the
+        # backward), then zero their output
+        mask = mask.clone()
+        mask[..., 0] |= empty
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    return y.masked_fill(empty[:, None, :, None], 0.0)
+
+
+class Attention(nn.Module):
+    """Projections of one attention layer: q, k, v from the input, o back to the residual stream.
+    The attention itself (which keys, which mask) is decided by the Block, because that is where
+    self-attention, cross-attention and their mixes differ."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
+        self.o = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # record attention probabilities (for attention_mass); None = off
+        self.record = None
+
+    def heads(self, x):  # (B, T, C) -> (B, H, T, D)
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def project_q(self, x):
+        return self.heads(self.q(x))
+
+    def project_kv(self, x):
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return self.heads(k), self.heads(v)
+
+    def attend(self, q, k, v, mask, key_is_image=None):
+        """Like attend(); when recording, the same result by an explicit softmax, kept for analysis."""
+        if self.record is None:
+            return attend(q, k, v, mask)
+        Tq, Tk = q.size(2), k.size(2)
+        if mask is None:
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()[None]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+        self.record.append((probs.detach(), key_is_image))
+        return probs @ v
+
+    def merge(self, y):  # (B, H, T, D) -> (B, T, C) through the output projection
+        B, H, T, D = y.shape
+        return self.o(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd, bias=False, dropout=0.0):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+# -----------------------------------------------------------------------------
+# Vision encoder: images (M, 3, H, W) in [0, 1] -> image tokens (M, N, n_embd)
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block with bidirectional attention over one image's patches."""
+
+    def __init__(self, dim, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_attn = RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.ln_mlp = RMSNorm(dim)
+        self.mlp = MLP(dim)
+
+    def forward(self, x):  # (M, N, C)
+        M, N, C = x.shape
+        q, k, v = self.qkv(self.ln_attn(x)).view(M, N, 3, self.n_head, C // self.n_head).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + self.o(y.transpose(1, 2).reshape(M, N, C))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class VisionEncoder(nn.Module):
+    """Conv patchify, learned 2D (row + column) position embeddings, a few bidirectional blocks,
+    projection to the text width. The output is normalised so every fusion design gets image
+    tokens on the same scale as text."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.image_size = config.image_size
+        grid = config.image_size // config.patch_size
+        vd = config.n_vis_embd
+        self.patchify = nn.Conv2d(3, vd, kernel_size=config.patch_size, stride=config.patch_size)
+        self.row_emb = nn.Parameter(torch.zeros(grid, 1, vd))
+        self.col_emb = nn.Parameter(torch.zeros(1, grid, vd))
+        self.blocks = nn.ModuleList(VisionBlock(vd, config.n_vis_head) for _ in range(config.n_vis_layer))
+        self.ln_f = RMSNorm(vd)
+        self.proj = nn.Linear(vd, config.n_embd, bias=False)
+        self.ln_out = RMSNorm(config.n_embd)
+
+    def forward(self, images):  # (M, 3, H, W) in [0, 1]
+        x = self.patchify(images * 2 - 1)  # (M, vd, grid, grid)
+        x = x.permute(0, 2, 3, 1) + self.row_emb + self.col_emb  # (M, grid, grid, vd)
+        x = x.flatten(1, 2)  # (M, N, vd), patches row by row
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_out(self.proj(self.ln_f(x)))  # (M, N, n_embd)
+
+
+# -----------------------------------------------------------------------------
+# The transformer block: text self-attention, cross-attention, or both, then the MLP.
+
+
+class Block(nn.Module):
+    """One pre-norm block of the text transformer.
+
+        SA only   (insertion; even layers of ca_replace):   x += SA(ln_sa(x))
+        SA + CA   (ca, ca_tv, ca_ffn):                       x += SA(ln_sa(x)) + CA(ln_ca(x))
+        SA + CA, shared projections (ca_shared):            x += o(attn_sa(q, k, v) + attn_ca(q, k_img, v_img))
+        CA only   (odd layers of ca_replace):                x += CA(ln_ca(x))
+    then x += MLP(ln_mlp(x)). With ca_ffn the image tokens also take x += MLP(ln_mlp(x)) here.
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.has_sa = not (config.ca_replaces_sa and layer_idx % 2 == 1)
+        self.has_ca = not config.insert_images and (not config.ca_replaces_sa or layer_idx % 2 == 1)
+        self.ca_text_keys = config.ca_text_keys
+        self.ca_image_ffn = config.ca_image_ffn
+        self.shared = config.ca_shared
+        if self.has_sa:
+            self.ln_sa = RMSNorm(config.n_embd)
+            self.sa = Attention(config)
+        if self.has_ca and not self.shared:
+            self.ln_ca = RMSNorm(config.n_embd)
+            self.ca = Attention(config)
+        self.ln_mlp = RMSNorm(config.n_embd)
+        self.mlp = MLP(config.n_embd, config.bias, config.dropout)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def init_ca_from_sa(self):
+        """The paper initialises CA projections from the same block's SA weights."""
+        if self.has_sa and self.has_ca and not self.shared:
+            self.ca.load_state_dict(self.sa.state_dict())
+
+    def ca_modules(self):  # (norm, projections) used by the CA branch
+        return (self.ln_sa, self.sa) if self.shared else (self.ln_ca, self.ca)
+
+    def forward(self, x, step, layer_cache=None):
+        """x (B, T, C) text (or, for insertion, the mixed stream); step: the Step of this forward;
+        layer_cache: this layer's slice of the Cache, or None."""
+        out = 0
+        if self.has_sa:
+            h = self.ln_sa(x)
+            q_raw = self.sa.project_q(h)
+            k, v = self.sa.project_kv(h)
+            q, k = rope(q_raw, step.pos, self.inv_freq), rope(k, step.pos, self.inv_freq)
+            if layer_cache is not None:  # write the new K/V into the cache, attend over all of it
+                k, v = layer_cache.sa.write(k, v)
+            y = self.sa.attend(q, k, v, step.sa_mask, step.sa_key_is_image)
+            if self.shared and step.has_images:  # D1: CA reuses q (unrotated: no positions in CA),
+                y = y + self.cross_attend(x, step, layer_cache, q=q_raw)  # the k/v weights and o
+            out = self.sa.merge(y)
+        if self.has_ca and not self.shared and step.has_images:
+            out = out + self.ca.merge(self.cross_attend(x, step, layer_cache))
+        x = x + out
+        x = x + self.mlp(self.ln_mlp(x))
+        if self.ca_image_ffn and step.img is not None:  # D4: image tokens updated by the FFN too
+            step.img = step.img + self.mlp(self.ln_mlp(step.img))
+        return x
+
+    def cross_attend(self, x, step, layer_cache, q=None):
+        """Text queries attend to their window's image (and, for ca_tv, the window's text).
+        Returns (B, H, T, D) before the output projection."""
+        ln, attn = self.ca_modules()
+        h = ln(x)
+        if q is None:
+            q = attn.project_q(h)
+            if self.ca_text_keys:  # D2: positions inside the layer, relative to the image
+                q = rope(q, step.pos, self.inv_freq)
+        # keys/values of the images in this forward (M, H, N, D), rotated to their marker's position
+        k_new = v_new = None
+        if step.img is not None:
+            k_new, v_new = attn.project_kv(ln(step.img))
+            if self.ca_text_keys:
+                k_new = rope(k_new, step.img_pos[:, None].expand(-1, k_new.size(2)), self.inv_freq)
+        k, v = step.image_bank(k_new, v_new, layer_cache)  # (B, H, Wb*N, D), one slot per window
+        mask, key_is_image = step.ca_mask, None
+        if self.ca_text_keys:  # window text joins the keys, in the same softmax
+            kt, vt = attn.project_kv(h)
+            kt = rope(kt, step.pos, self.inv_freq)
+            if layer_cache is not None:
+                kt, vt = layer_cache.ca_text.write(kt, vt)
+            key_is_image = torch.arange(k.size(2) + kt.size(2), device=x.device) < k.size(2)
+            k, v = torch.cat([k, kt], dim=2), torch.cat([v, vt], dim=2)
+        return attn.attend(q, k, v, mask, key_is_image)
+
+
+def rope_inv_freq(config):
+    head_dim = config.n_embd // config.n_head
+    return 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
+# -----------------------------------------------------------------------------
+# Config: the fusion variants, each a set of switches. Reading a row left to right moves CA toward
+# insertion; turning every switch on (and seeing all past images, D5) is insertion.
+
+VARIANTS = {
+    #              image tokens   D1: CA reuses   D2: window text   D3: CA replaces   D4: image tokens
+    #              in the stream  SA projections  in the CA keys    every 2nd SA      through the FFNs
+    "ca":         dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False),
+    "ca_shared":  dict(insert_images=False, ca_shared=True,  ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False),
+    "ca_tv":      dict(insert_images=False, ca_shared=False, ca_text_keys=True,  ca_replaces_sa=False, ca_image_ffn=False),
+    "ca_replace": dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=True,  ca_image_ffn=False),
+    "ca_ffn":     dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=True),
+    "insertion":  dict(insert_images=True,  ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False),
+}  # fmt: skip
+
+
+@dataclass
+class Config:
+    # text transformer (nanoGPT's names)
+    block_size: int = 256  # longest text (in tokens) one forward call takes
+    vocab_size: int = 259  # 256 bytes + 3 special tokens (get_tokenizer().n_vocab)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    rope_theta: float = 10000.0
+    # vision encoder
+    image_size: int = 32  # images are (3, image_size, image_size)
+    patch_size: int = 4  # -> (image_size / patch_size)^2 image tokens per image
+    n_vis_layer: int = 2
+    n_vis_head: int = 4
+    n_vis_embd: int = 128
+    # fusion: one of VARIANTS
+    variant: str = "ca"
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even size")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.n_vis_embd % self.n_vis_head:
+            raise ValueError(f"n_vis_embd ({self.n_vis_embd}) must be a multiple of n_vis_head ({self.n_vis_head})")
+
+    # the variant's switches, read from VARIANTS
+    insert_images = property(lambda self: VARIANTS[self.variant]["insert_images"])
+    ca_shared = property(lambda self: VARIANTS[self.variant]["ca_shared"])
+    ca_text_keys = property(lambda self: VARIANTS[self.variant]["ca_text_keys"])
+    ca_replaces_sa = property(lambda self: VARIANTS[self.variant]["ca_replaces_sa"])
+    ca_image_ffn = property(lambda self: VARIANTS[self.variant]["ca_image_ffn"])
+
+    @property
+    def n_image_tokens(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    def layer_kinds(self):
+        """(has_sa, has_ca) for each layer."""
+        kinds = []
+        for i in range(self.n_layer):
+            has_sa = not (self.ca_replaces_sa and i % 2 == 1)
+            has_ca = not self.insert_images and (not self.ca_replaces_sa or i % 2 == 1)
+            kinds.append((has_sa, has_ca))
+        return kinds
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Step:
+    """Everything the blocks share about one forward call, computed once, vectorised: positions,
+    masks, which image each window has. Windows: window w of a row starts at its w-th <|image|>
+    marker and runs to the next one; window 0 is the text before the first image (no image).
+
+    Shapes: T new tokens per row (for insertion, T = length of the mixed stream), M new images,
+    N tokens per image, S tokens already in the cache."""
+
+    def __init__(self, model, idx, img, cache):
+        config, device = model.config, idx.device
+        B, T_text = idx.shape
+        is_marker = idx == model.image_id  # (B, T)
+        self.img = img  # (M, N, C) new image tokens (updated per layer by ca_ffn), or None
+        self.has_images = img is not None or (cache is not None and bool(cache.window.gt(0).any()))
+        self.sa_key_is_image = None
+
+        # positions: text positions for CA variants; for insertion, positions in the mixed stream
+        start = cache.next_pos if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+        if config.insert_images:
+            self.build_stream(is_marker, start, cache, img is not None and img.size(1) or 0)
+            return
+        self.pos = start[:, None] + torch.arange(T_text, device=device)  # (B, T)
+        self.text_idx, self.valid = None, None
+        self.sa_mask = None if cache is None else cache.sa.mask(self.pos, None)
+
+        # windows (global per row: counting continues across calls through the cache)
+        w0 = cache.window if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+        self.win = w0[:, None] + is_marker.cumsum(dim=1)  # (B, T)
+        self.last_win = self.win[:, -1]
+        # image bank: slot 0 = the cached image of window w0 (if any), then the new images in
+        # reading order, one slot per window. bank_src[b, j] = index into the M new images, or -1.
+        n_new = is_marker.sum(dim=1)  # (B,)
+        W = int(n_new.max()) if B > 0 else 0
+        offsets = n_new.cumsum(0) - n_new  # first image index of each row
+        j = torch.arange(W, device=device)
+        self.bank_src = torch.where(j < n_new[:, None], offsets[:, None] + j, -1)  # (B, W)
+        slot_win = w0[:, None] + 1 + j  # (B, W)
+        slot_ok = self.bank_src >= 0
+        if cache is not None:
+            slot_win = torch.cat([w0[:, None], slot_win], dim=1)
+            slot_ok = torch.cat([cache.has_image[:, None], slot_ok], dim=1)
+        self.use_cached_image = cache is not None and bool(cache.has_image.any())
+        if not self.use_cached_image and cache is not None:  # no cached image anywhere: drop slot 0
+            slot_win, slot_ok = slot_win[:, 1:], slot_ok[:, 1:]
+        N = config.n_image_tokens
+        # (B, T, Wb*N): a query sees the image tokens of its own window only
+        see_slot = (self.win[:, :, None] == slot_win[:, None, :]) & slot_ok[:, None, :]
+        self.ca_mask = see_slot.repeat_interleave(N, dim=2)
+        self.img_pos = self.pos[is_marker] if img is not None else None  # (M,) marker positions
+        if config.ca_text_keys:  # the window's text, causal; cached window text is window w0's
+            new_text = (self.win[:, :, None] == self.win[:, None, :]) & torch.ones(
+                T_text, T_text, dtype=torch.bool, device=device).tril()
+            parts = [self.ca_mask, new_text]
+            if cache is not None:
+                parts.insert(1, cache.ca_text.mask_window(self.win == w0[:, None]))
+            self.ca_mask = torch.cat(parts, dim=2)
+        self.is_marker = is_marker
+
+    def build_stream(self, is_marker, start, cache, N):
+        """Insertion: lay out each row's stream (text with N image tokens after each marker), padded
+        to the longest row. text_idx (B, T_text): where each text token sits in the stream."""
+        B, T_text = is_marker.shape
+        device = is_marker.device
+        width = 1 + N * is_marker.long()  # stream slots each text token opens
+        self.text_idx = width.cumsum(1) - width  # (B, T_text)
+        lengths = width.sum(1)  # (B,)
+        L = int(lengths.max())
+        self.valid = torch.arange(L, device=device)[None] < lengths[:, None]  # (B, L): False = padding
+        self.pos = start[:, None] + torch.arange(L, device=device)
+        is_image = torch.ones(B, L, dtype=torch.bool, device=device)
+        is_image.scatter_(1, self.text_idx, False)
+        self.is_image = is_image & self.valid  # (B, L)
+        self.is_marker, self.img_pos, self.win = is_marker, None, None
+        if cache is not None:
+            self.sa_mask = cache.sa.mask(self.pos, self.valid)
+            self.sa_key_is_image = torch.cat([cache.sa_is_image[:, : cache.sa.length], self.is_image], dim=1)
+        elif not bool(self.valid.all()):
+            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+            self.sa_mask = causal[None] & self.valid[:, None, :]
+            self.sa_key_is_image = self.is_image
+        else:
+            self.sa_mask, self.sa_key_is_image = None, self.is_image
+
+    def image_bank(self, k_new, v_new, layer_cache):
+        """Per-row image keys/values, one slot of N tokens per window: (B, H, Wb*N, D)."""
+        parts_k, parts_v = [], []
+        if layer_cache is not None and self.use_cached_image:
+            parts_k.append(layer_cache.image_k)
+            parts_v.append(layer_cache.image_v)
+        if k_new is not None and self.bank_src.size(1) > 0:
+            src = self.bank_src.clamp(min=0)  # (B, W); unused slots are masked out
+            B, W = src.shape
+            M, H, N, D = k_new.shape
+            bank_k = k_new[src].permute(0, 2, 1, 3, 4).reshape(B, H, W * N, D)
+            bank_v = v_new[src].permute(0, 2, 1, 3, 4).reshape(B, H, W * N, D)
+            parts_k.append(bank_k)
+            parts_v.append(bank_v)
+            if layer_cache is not None:  # keep each row's newest image for the next call
+                layer_cache.store_image(bank_k.view(B, H, W, N, D), bank_v.view(B, H, W, N, D), self.bank_src)
+        k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, dim=2)
+        v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, dim=2)
+        return k, v
+
+
+class VLM(nn.Module):
+    """The vision-language model. One calling convention for every variant:
+
+        logits, loss = model(idx, images=None, targets=None, cache=None)
+
+    idx (B, T) token ids with <|image|> markers; images (M, 3, H, W) floats in [0, 1], bound to the
+    markers in reading order (row 0's markers first, left to right, then row 1, ...). logits are
+    (B, T, vocab) at the text positions for every variant. targets (B, T), -1 where no loss.
+    With cache=model.new_cache(B), the call appends idx (and its images) to the cache and returns
+    logits for the new positions only.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.image_id = get_tokenizer().encode(IMAGE, allowed_special="all")[0]
+        self.vision = VisionEncoder(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
+            if name.endswith(("o.weight", "proj.weight")) and "vision" not in name:
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for block in self.blocks:
+            block.init_ca_from_sa()
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx, images=None, targets=None, cache=None):
+        config = self.config
+        img = self.encode_images(idx, images)  # (M, N, C) or None
+        if cache is not None and cache.batch_size != idx.size(0):
+            raise ValueError(f"the cache was made for batch size {cache.batch_size}, idx has {idx.size(0)} rows")
+        step = Step(self, idx, img, cache)
+        if cache is not None:
+            cache.begin(step)
+        x = self.wte(idx)  # (B, T, C)
+        if config.insert_images:  # lay text and image tokens out in one stream
+            B, L = step.pos.shape
+            stream = x.new_zeros(B, L, x.size(-1))
+            stream.scatter_(1, step.text_idx[..., None].expand_as(x), x)
+            if img is not None:
+                stream[step.is_image] = img.reshape(-1, img.size(-1)).to(stream.dtype)
+            x = stream
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, step, cache.layers[i] if cache is not None else None)
+        if config.insert_images:  # back to the text positions
+            x = x.gather(1, step.text_idx[..., None].expand(-1, -1, x.size(-1)))
+        if cache is not None:
+            cache.commit(step)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def encode_images(self, idx, images):
+        """Check idx and images against each other and the config; run the vision encoder."""
+        config = self.config
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+        if idx.size(1) > config.block_size:
+            raise ValueError(f"input of {idx.size(1)} tokens is longer than the context (block_size="
+                             f"{config.block_size}); shorten the prompt or train with a larger block_size")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {config.vocab_size}); got {int(idx.min())}..{int(idx.max())}")
+        n_markers = int((idx == self.image_id).sum())
+        n_images = 0 if images is None else images.size(0)
+        if n_markers != n_images:
+            raise ValueError(f"{n_markers} <|image|> markers in idx but {n_images} images given; "
+                             "pass exactly one image per marker, in reading order")
+        if images is None or n_images == 0:
+            return None
+        S = config.image_size
+        if images.dim() != 4 or images.size(1) != 3 or images.shape[-2:] != (S, S):
+            raise ValueError(f"images must be (M, 3, {S}, {S}) RGB (config.image_size={S}); got shape "
+                             f"{tuple(images.shape)}. Convert to RGB and resize to {S}x{S} first")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}; divide uint8 pixels by 255")
+        if float(images.min()) < 0 or float(images.max()) > 1:
+            raise ValueError(f"image values must lie in [0, 1], got {float(images.min()):.3g}..{float(images.max()):.3g}")
+        return self.vision(images)
+
+    def new_cache(self, batch_size):
+        return Cache(self, batch_size)
+
+    @torch.no_grad()
+    def generate(self, idx, images=None, max_new_tokens=32, temperature=1.0, top_k=None, stop_token=None,
+                 cache=None):
+        """Sample up to max_new_tokens after idx (B, T); returns (B, T + new). temperature=0 is greedy.
+        Every returned token is in the cache afterwards, so calling again with the same cache (and a
+        new image) continues the conversation: that is streaming. Rows that emitted stop_token are
+        padded with it until every row has stopped."""
+        if cache is None:
+            cache = self.new_cache(idx.size(0))
+        logits, _ = self(idx, images, cache=cache)
+        out = [idx]
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            last = logits[:, -1, :].clone()
+            last[:, self.image_id] = float("-inf")  # images come from the caller, never sampled
+            next_id = sample(last, temperature, top_k)  # (B, 1)
+            if stop_token is not None:
+                next_id = torch.where(done[:, None], stop_token, next_id)
+                done |= next_id[:, 0] == stop_token
+            out.append(next_id)
+            logits, _ = self(next_id, cache=cache)
+            if stop_token is not None and bool(done.all()):
+                break
+        return torch.cat(out, dim=1)
+
+
+def sample(logits, temperature=1.0, top_k=None):
+    """logits (B, V) -> token ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+
+# -----------------------------------------------------------------------------
+# The KV cache
+
+
+class KVStore:
+    """Keys/values of one kind of attention for all layers of that kind, growing along time.
+
+    k, v: (n_layers, B, H, capacity, D), filled up to `length`; pos, valid: (B, capacity).
+    Capacity doubles when full, so appending one token is O(1) amortised, never a full copy.
+    `valid` marks slots in use (False: padding of a shorter row, or text of a window that ended);
+    compact() moves valid slots to the front when some were dropped."""
+
+    def __init__(self, n_layers, batch_size, n_head, head_dim, device):
+        self.shape = (n_layers, batch_size, n_head, head_dim)
+        self.device = device
+        self.k = self.v = None
+        self.pos = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.length = 0  # slots used
+        self.n_new = 0  # slots being written by the current forward
+
+    def begin(self, n):
+        """A forward is about to write n new slots, layer by layer."""
+        self.n_new, self.layer = n, 0
+
+    def reserve(self, n, dtype):
+        """Make room for n more slots; doubles the capacity when full."""
+        L, B, H, D = self.shape
+        need = self.length + n
+        cap = 0 if self.k is None else self.k.size(3)
+        if self.k is None or self.k.dtype != dtype or need > cap:
+            new_cap = max(need, 2 * cap, 16)
+            k = torch.zeros(L, B, H, new_cap, D, dtype=dtype, device=self.device)
+            v = torch.zeros_like(k)
+            if self.k is not None:
+                k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
+                v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
+            self.k, self.v = k, v
+
+    def write(self, k, v):
+        """Called by each layer in turn: k, v (B, H, n, D) -> all keys/values (B, H, length + n, D)."""
+        i, end = self.layer, self.length + self.n_new
+        if i == 0:
+            self.reserve(self.n_new, k.dtype)
+        self.k[i, :, :, self.length : end] = k
+        self.v[i, :, :, self.length : end] = v
+        self.layer += 1
+        return self.k[i, :, :, :end], self.v[i, :, :, :end]
+
+    def mask(self, pos, valid):
+        """Self-attention mask (B, T, length + T) for new queries at positions pos (B, T):
+        cached valid slots, and the new tokens causally (valid ones only)."""
+        B, T = pos.shape
+        old = self.valid[:, None, : self.length].expand(B, T, self.length)
+        new = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()[None].expand(B, T, T)
+        if valid is not None:
+            new = new & valid[:, None, :]
+        return torch.cat([old, new], dim=2)
+
+    def mask_window(self, same_window):
+        """ca_tv: cached window text (B, T, length) is visible to new queries still in its window."""
+        return same_window[:, :, None] & self.valid[:, None, : self.length]
+
+    def commit(self, pos, valid):
+        """After all layers wrote: record the new slots' positions and validity."""
+        n = self.n_new
+        if self.pos.size(1) < self.length + n:
+            grow = self.k.size(3) - self.pos.size(1)
+            self.pos = torch.cat([self.pos, self.pos.new_zeros(self.pos.size(0), grow)], dim=1)
+            self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1)
+        self.pos[:, self.length : self.length + n] = pos
+        self.valid[:, self.length : self.length + n] = valid
+        self.length += n
+        self.n_new = 0
+
+    def drop(self, keep):
+        """Mark slots not in keep (B, length) as unused, then compact."""
+        self.valid[:, : self.length] &= keep
+        self.compact()
+
+    def compact(self, extra=None):
+        """Move each row's valid slots to the front (in order) and shrink length to the longest row.
+        extra: other (B, capacity) tensors to reorder the same way."""
+        valid = self.valid[:, : self.length]
+        if bool(valid.all()):
+            return extra
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid first
+        L, B, H, D = self.shape
+        idx = order[None, :, None, :, None].expand(L, B, H, -1, D)
+        self.k[:, :, :, : self.length] = self.k[:, :, :, : self.length].gather(3, idx)
+        self.v[:, :, :, : self.length] = self.v[:, :, :, : self.length].gather(3, idx)
+        self.pos[:, : self.length] = self.pos[:, : self.length].gather(1, order)
+        self.valid[:, : self.length] = valid.gather(1, order)
+        if extra is not None:
+            extra[:, : self.length] = extra[:, : self.length].gather(1, order)
+        self.length = int(valid.sum(1).max())
+        return extra
+
+    def entries(self):
+        """Cached (valid) entries per layer, summed over the batch."""
+        return int(self.valid[:, : self.length].sum())
+
+    def nbytes(self):
+        """Bytes of keys and values in use, all layers."""
+        if self.k is None:
+            return 0
+        L, B, H, D = self.shape
+        return self.entries() * L * H * D * 2 * self.k.element_size()
+
+
+class LayerCache:
+    """One layer's view of the cache: its SA store, its cached image K/V, its ca_tv text store."""
+
+    def __init__(self, cache, sa, ca_text):
+        self.cache, self.sa, self.ca_text = cache, sa, ca_text
+        self.image_k = self.image_v = None  # (B, H, N, D): the current window's image, per row
+
+    def store_image(self, bank_k, bank_v, bank_src):
+        """bank_k/v (B, H, W, N, D) new images per row; keep each row's newest one."""
+        n_new = (bank_src >= 0).sum(1)  # (B,)
+        has_new = n_new > 0
+        last = (n_new - 1).clamp(min=0)
+        B, H, W, N, D = bank_k.shape
+        pick = last[:, None, None, None, None].expand(B, H, 1, N, D)
+        k_last, v_last = bank_k.gather(2, pick)[:, :, 0], bank_v.gather(2, pick)[:, :, 0]
+        if self.image_k is None:
+            self.image_k, self.image_v = torch.zeros_like(k_last), torch.zeros_like(v_last)
+        sel = has_new[:, None, None, None]
+        self.image_k = torch.where(sel, k_last, self.image_k)
+        self.image_v = torch.where(sel, v_last, self.image_v)
+
+
+class Cache:
+    """KV cache for streaming. What each variant keeps (k turns of T text tokens, N image tokens):
+
+        insertion   SA layers: every text and image token              kT + kN per layer
+        ca, ...     SA layers: text only; CA layers: the current image  kT + N
+        ca_tv       as ca, plus the current window's text in CA layers  kT + (T + N)
+        ca_replace  SA layers (half): text; CA layers (half): image     kT or N
+
+    Image K/V are computed once, when the image arrives. Use model.new_cache(batch_size)."""
+
+    def __init__(self, model, batch_size):
+        config = model.config
+        device = model.lm_head.weight.device
+        H, D = config.n_head, config.n_embd // config.n_head
+        kinds = config.layer_kinds()
+        n_sa, n_ca = sum(s for s, _ in kinds), sum(c for _, c in kinds)
+        self.config, self.batch_size = config, batch_size
+        self.sa = KVStore(n_sa, batch_size, H, D, device)
+        self.ca_text = KVStore(n_ca, batch_size, H, D, device) if config.ca_text_keys else None
+        self.layers = [LayerCache(self, self.sa if s else None, self.ca_text if c else None) for s, c in kinds]
+        self.ca_layers = [lc for lc, (_, c) in zip(self.layers, kinds) if c]
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # next stream position
+        self.window = torch.zeros(batch_size, dtype=torch.long, device=device)  # current window per row
+        self.has_image = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.sa_is_image = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # insertion
+
+    def begin(self, step):
+        """A forward with step.pos.size(1) new tokens starts."""
+        self.sa.begin(step.pos.size(1))
+        if self.ca_text is not None:
+            self.ca_text.begin(step.pos.size(1))
+
+    def commit(self, step):
+        """After a forward: record positions, windows, which slots stay valid."""
+        B, T = step.pos.shape
+        valid = step.valid if step.valid is not None else torch.ones(B, T, dtype=torch.bool, device=step.pos.device)
+        if self.config.insert_images:
+            cap = self.sa.k.size(3)
+            is_img = torch.zeros(B, cap, dtype=torch.bool, device=valid.device)
+            is_img[:, : self.sa.length] = self.sa_is_image[:, : self.sa.length]
+            is_img[:, self.sa.length : self.sa.length + T] = step.is_image
+            self.sa.commit(step.pos, valid)
+            self.sa_is_image = self.sa.compact(extra=is_img)  # drop padding of shorter rows
+            self.next_pos = self.next_pos + valid.sum(1)
+            return
+        if self.sa.n_new:
+            self.sa.commit(step.pos, valid)
+        self.next_pos = self.next_pos + T
+        if self.ca_text is not None:  # keep only the text of each row's current (last) window
+            old_len = self.ca_text.length
+            self.ca_text.commit(step.pos, step.win == step.last_win[:, None])
+            keep = torch.ones(B, self.ca_text.length, dtype=torch.bool, device=valid.device)
+            keep[:, :old_len] = (step.last_win == self.window)[:, None]
+            self.ca_text.drop(keep)
+        self.has_image |= step.last_win > 0
+        self.window = step.last_win
+
+    def entries(self):
+        """Cached entries per layer kind: self-attention, CA image, CA window text (ca_tv).
+        Counted per layer of that kind, summed over the batch."""
+        N = self.config.n_image_tokens
+        return {
+            "self_attn": self.sa.entries(),
+            "cross_attn_image": int(self.has_image.sum()) * N if self.ca_layers else 0,
+            "cross_attn_text": self.ca_text.entries() if self.ca_text is not None else 0,
+        }
+
+    def nbytes(self):
+        """Bytes held by the keys and values in use, every layer."""
+        total = self.sa.nbytes() + (self.ca_text.nbytes() if self.ca_text is not None else 0)
+        for lc in self.ca_layers:
+            if lc.image_k is not None:
+                per_row = lc.image_k[0].numel() * lc.image_k.element_size() * 2
+                total += int(self.has_image.sum()) * per_row
+        return total
