@@ -141,7 +141,7 @@ class Attention(nn.Module):
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()[None]
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
         probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
-        self.record.append((probs.detach(), key_is_image))
+        self.record.append((probs.detach(), mask, key_is_image))
         return probs @ v
 
     def merge(self, y):  # (B, H, T, D) -> (B, T, C) through the output projection
@@ -819,3 +819,196 @@ class Cache:
                 per_row = lc.image_k[0].numel() * lc.image_k.element_size() * 2
                 total += int(self.has_image.sum()) * per_row
         return total
+
+
+# -----------------------------------------------------------------------------
+# Prompts, images and checkpoints: the small conventions train.py, sample.py and stream.py share
+
+
+def encode_turn(tokenizer, prompt, answer=None):
+    """Token ids of one conversation turn: prompt, <|answer|>, then (when given) the answer and
+    <|endoftext|>. Returns (ids, n_prompt): the loss goes on ids[n_prompt:], the answer and its end."""
+    ids = tokenizer.encode(prompt, allowed_special={IMAGE}) + tokenizer.encode(ANSWER, allowed_special={ANSWER})
+    n_prompt = len(ids)
+    if answer is not None:
+        ids += tokenizer.encode(answer, disallowed_special=()) + tokenizer.encode(ENDOFTEXT, allowed_special={ENDOFTEXT})
+    return ids, n_prompt
+
+
+def load_image(source, image_size):
+    """An image file (any size or mode) or a PIL image -> float tensor (3, image_size, image_size)
+    in [0, 1]: converted to RGB and resized, as the model expects."""
+    from PIL import Image
+
+    if not isinstance(source, Image.Image):
+        try:
+            source = Image.open(source)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {source}") from None
+        except OSError as e:
+            raise ValueError(f"cannot read image {source}: {e}") from None
+    img = source.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(image_size, image_size, 3).permute(2, 0, 1).float() / 255.0
+
+
+def save_checkpoint(path, model, **extra):
+    """Write {'model': state_dict, 'config': dict, **extra} atomically: a temporary file in the same
+    folder, then a rename, so an interrupted save never leaves a broken checkpoint behind."""
+    import dataclasses
+    import os
+
+    raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    ckpt = {"model": raw.state_dict(), "config": dataclasses.asdict(raw.config), **extra}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the model a checkpoint was saved from. Returns (model, checkpoint dict).
+    Loads with weights_only=True: a checkpoint holds tensors and plain Python values only."""
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (train one with: python train.py --out_dir=...)")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a casa checkpoint (expected keys 'model' and 'config')")
+    try:
+        config = Config(**ckpt["config"])
+    except TypeError as e:
+        raise ValueError(f"{path} was saved with a config this casa.py does not know: {e}") from None
+    model = VLM(config)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
+
+
+# -----------------------------------------------------------------------------
+# Analysis: what each variant caches, weighs, computes, and where its attention goes
+
+
+def kv_formula(config):
+    """The paper's #KV column for this variant (k turns, T text tokens and one N-token image each)."""
+    if config.insert_images:
+        return "kT + kN"
+    if config.ca_replaces_sa:
+        return "kT (SA layers) or N (CA layers)"
+    return "kT + (T + N)" if config.ca_text_keys else "kT + N"
+
+
+def kv_cache_entries(config, turns, text_tokens, image_tokens=None):
+    """Analytic cached entries per layer of each kind after `turns` turns, each turn one image of
+    N tokens (default: config.n_image_tokens) and T text tokens (its <|image|> marker included)."""
+    k, T = turns, text_tokens
+    N = config.n_image_tokens if image_tokens is None else image_tokens
+    has_ca = any(c for _, c in config.layer_kinds())
+    return {
+        "self_attn": k * T + (k * N if config.insert_images else 0),
+        "cross_attn_image": N if k > 0 and has_ca else 0,  # only the current window's image
+        "cross_attn_text": T if k > 0 and config.ca_text_keys else 0,  # only the current window's text
+    }
+
+
+def kv_cache_bytes(config, turns, text_tokens, image_tokens=None, batch_size=1, bytes_per_value=4):
+    """Analytic KV-cache bytes (keys and values, every layer) after `turns` turns: the formula that
+    Cache.nbytes() measures. bytes_per_value: 4 for float32, 2 for bf16."""
+    e = kv_cache_entries(config, turns, text_tokens, image_tokens)
+    kinds = config.layer_kinds()
+    n_sa, n_ca = sum(s for s, _ in kinds), sum(c for _, c in kinds)
+    per_entry = 2 * config.n_embd * bytes_per_value  # K and V, all heads
+    entries = n_sa * e["self_attn"] + n_ca * (e["cross_attn_image"] + e["cross_attn_text"])
+    return batch_size * entries * per_entry
+
+
+def param_counts(model):
+    """Parameters split into vision (encoder + projection), fusion (CA projections and norms), and
+    text (embeddings, SA, MLPs). Tied weights are counted once."""
+    counts = {"vision": 0, "text": 0, "fusion": 0}
+    for name, p in model.named_parameters():
+        if name.startswith("vision."):
+            counts["vision"] += p.numel()
+        elif ".ca." in name or ".ln_ca." in name:
+            counts["fusion"] += p.numel()
+        else:
+            counts["text"] += p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def flops_per_text_token(config, text_tokens, image_tokens=None):
+    """Forward FLOPs per text token for one turn: one image of N tokens and T text tokens (marker
+    first), nothing cached before. Multiply-adds count 2; matmuls only (norms, softmax, activations
+    left out); causal attention counts the keys each query really sees. Returns a breakdown:
+    'linear' (text and fusion projections, MLPs, lm_head), 'attention' (scores and weighted sums),
+    'vision' (the encoder, amortised over the T text tokens), and 'total'."""
+    C, V, T = config.n_embd, config.vocab_size, text_tokens
+    N = config.n_image_tokens if image_tokens is None else image_tokens
+    proj, mlp = 2 * 4 * C * C, 2 * 8 * C * C  # q, k, v, o; fc + proj
+
+    def causal(n):  # sum over n causal queries of the keys they see
+        return n * (n + 1) // 2
+
+    linear = attention = 0
+    if config.insert_images:  # the stream holds T + N tokens; every one goes through every layer
+        linear = config.n_layer * (T + N) * (proj + mlp)
+        attention = config.n_layer * 4 * C * causal(T + N)
+    else:
+        for has_sa, has_ca in config.layer_kinds():
+            linear += T * mlp
+            if has_sa:
+                linear += T * proj
+                attention += 4 * C * causal(T)
+            if has_ca:
+                linear += N * 2 * 2 * C * C  # image K/V, once per image
+                if not config.ca_shared:
+                    linear += T * 2 * 2 * C * C  # q and o (shared: reuses SA's)
+                attention += 4 * C * T * N
+                if config.ca_text_keys:
+                    linear += T * 2 * 2 * C * C  # window text K/V
+                    attention += 4 * C * causal(T)
+                if config.ca_image_ffn:
+                    linear += N * mlp
+    linear += T * 2 * C * V  # lm_head
+    Cv, p = config.n_vis_embd, config.patch_size
+    vision = N * (2 * 3 * p * p * Cv + 2 * Cv * C)  # patchify, projection
+    vision += config.n_vis_layer * (N * (2 * 4 * Cv * Cv + 2 * 8 * Cv * Cv) + 4 * Cv * N * N)
+    out = {"linear": linear / T, "attention": attention / T, "vision": vision / T}
+    out["total"] = sum(out.values())
+    return out
+
+
+@torch.no_grad()
+def attention_mass(model, idx, images):
+    """Where text attention goes, in the layers whose softmax holds both text and image keys
+    (ca_tv's CA layers: the "implicit gate"; insertion's SA layers). For each such layer and head:
+    the share of attention that text queries (those that can see an image) give to image keys; the
+    rest goes to text keys. Returns a (n_layers, n_head) tensor; rows follow the layers in order."""
+    config = model.config
+    if config.insert_images:
+        attns = [b.sa for b in model.blocks]
+    elif config.ca_text_keys:
+        attns = [b.ca for b in model.blocks if b.has_ca]
+    else:
+        raise ValueError(f"variant {config.variant!r} never puts text and image keys in one softmax; "
+                         "attention_mass is defined for 'ca_tv' and 'insertion'")
+    for a in attns:
+        a.record = []
+    try:
+        model(idx, images)
+        shares = []
+        for a in attns:
+            probs, mask, key_is_image = a.record[0]  # (B, H, Tq, Tk), (B, Tq, Tk), (B, Tk) or (Tk,)
+            B, H, Tq, Tk = probs.shape
+            key_is_image = key_is_image.expand(B, Tk)
+            sees_image = (mask & key_is_image[:, None, :]).any(-1)  # (B, Tq)
+            if config.insert_images:  # queries are the stream: keep real text tokens only
+                is_self = torch.eye(Tq, dtype=torch.bool, device=mask.device)[None]
+                sees_image &= ~key_is_image & (mask & is_self).any(-1)
+            to_image = (probs * key_is_image[:, None, None, :]).sum(-1)  # (B, H, Tq)
+            w = sees_image[:, None, :].float()
+            shares.append((to_image * w).sum((0, 2)) / w.sum((0, 2)).clamp(min=1))
+        return torch.stack(shares)
+    finally:
+        for a in attns:
+            a.record = None
