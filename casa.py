@@ -262,10 +262,10 @@ class Block(nn.Module):
             if layer_cache is not None:  # write the new K/V into the cache, attend over all of it
                 k, v = layer_cache.sa.write(k, v)
             y = self.sa.attend(q, k, v, step.sa_mask, step.sa_key_is_image)
-            if self.shared and step.has_images:  # D1: CA reuses q (unrotated: no positions in CA),
+            if self.shared and step.run_ca:  # D1: CA reuses q (unrotated: no positions in CA),
                 y = y + self.cross_attend(x, step, layer_cache, q=q_raw)  # the k/v weights and o
             out = self.sa.merge(y)
-        if self.has_ca and not self.shared and step.has_images:
+        if self.has_ca and not self.shared and step.run_ca:
             out = out + self.ca.merge(self.cross_attend(x, step, layer_cache))
         x = x + out
         x = x + self.mlp(self.ln_mlp(x))
@@ -295,8 +295,11 @@ class Block(nn.Module):
             kt = rope(kt, step.pos, self.inv_freq)
             if layer_cache is not None:
                 kt, vt = layer_cache.ca_text.write(kt, vt)
-            key_is_image = torch.arange(k.size(2) + kt.size(2), device=x.device) < k.size(2)
-            k, v = torch.cat([k, kt], dim=2), torch.cat([v, vt], dim=2)
+            n_img = 0 if k is None else k.size(2)
+            key_is_image = torch.arange(n_img + kt.size(2), device=x.device) < n_img
+            if k is not None:
+                kt, vt = torch.cat([k, kt], dim=2), torch.cat([v, vt], dim=2)
+            k, v = kt, vt
         return attn.attend(q, k, v, mask, key_is_image)
 
 
@@ -390,6 +393,9 @@ class Step:
         is_marker = idx == model.image_id  # (B, T)
         self.img = img  # (M, N, C) new image tokens (updated per layer by ca_ffn), or None
         self.has_images = img is not None or (cache is not None and bool(cache.window.gt(0).any()))
+        # whether the CA branch runs: with no image anywhere its output is 0 and it is skipped,
+        # except for ca_tv, whose CA layer also attends to the window's text
+        self.run_ca = self.has_images or config.ca_text_keys
         self.sa_key_is_image = None
 
         # positions: text positions for CA variants; for insertion, positions in the mixed stream
@@ -475,6 +481,8 @@ class Step:
             parts_v.append(bank_v)
             if layer_cache is not None:  # keep each row's newest image for the next call
                 layer_cache.store_image(bank_k.view(B, H, W, N, D), bank_v.view(B, H, W, N, D), self.bank_src)
+        if not parts_k:  # no image yet (ca_tv text before the first image): an empty bank
+            return None, None
         k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, dim=2)
         v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, dim=2)
         return k, v
