@@ -1,0 +1,102 @@
+"""
+Draw the attention patterns of insertion, cross-attention and CASA (ca_tv) from the masks the model
+really builds (casa.Step), for a short sequence with text before the first image and two images.
+
+    python experiments/draw_masks.py --out docs/masks.png
+
+Rows are queries, columns keys; a filled cell means "may attend". Text keys are blue, image keys
+orange. Each panel is one kind of attention layer.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import casa  # noqa: E402
+
+TEXT, IMAGE, EMPTY, GRID = (66, 114, 196), (236, 132, 36), (246, 246, 246), (200, 200, 200)
+
+
+def masks_for(variant, idx, n_images):
+    """The masks one forward builds: a list of (title, mask (Tq, Tk) bool, key_is_image (Tk,),
+    query labels, key labels)."""
+    config = casa.Config(variant=variant, image_size=8, patch_size=4, n_layer=2, n_embd=32, n_head=2,
+                         n_vis_embd=16, n_vis_head=2, n_vis_layer=1)
+    model = casa.VLM(config)
+    img = model.vision(torch.rand(n_images, 3, 8, 8))
+    step = casa.Step(model, idx, img, cache=None)
+    tok = casa.get_tokenizer()
+    text_labels = ["I" if t == model.image_id else tok.decode([t]) for t in idx[0].tolist()]
+    N = config.n_image_tokens
+    if config.insert_images:  # one causal self-attention over the mixed stream
+        is_img = step.is_image[0]
+        L = is_img.numel()
+        labels, it = [], iter(text_labels)
+        for i in range(L):
+            labels.append("" if is_img[i] else next(it))
+        mask = torch.ones(L, L, dtype=torch.bool).tril()
+        return [("insertion: self-attention over text + image tokens", mask, is_img, labels, labels)]
+    T = idx.size(1)
+    sa = ("text self-attention (every variant)", torch.ones(T, T, dtype=torch.bool).tril(),
+          torch.zeros(T, dtype=torch.bool), text_labels, text_labels)
+    ca_mask = step.ca_mask[0]  # (T, W*N [+ T])
+    n_img_keys = step.bank_src.size(1) * N
+    key_is_image = torch.arange(ca_mask.size(1)) < n_img_keys
+    key_labels = [f"y{j // N + 1}" if j % N == 0 else "" for j in range(n_img_keys)]
+    title = "ca: cross-attention to the window's image"
+    if config.ca_text_keys:
+        key_labels += text_labels
+        title = "ca_tv (CASA): window's image + window's text, one softmax"
+    return [sa, (title, ca_mask, key_is_image, text_labels, key_labels)]
+
+
+def draw_panel(title, mask, key_is_image, q_labels, k_labels, cell=14):
+    Tq, Tk = mask.shape
+    left, top = 28, 40
+    title_width = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title)) + 8
+    im = Image.new("RGB", (max(left + Tk * cell + 10, title_width), top + Tq * cell + 10), "white")
+    d = ImageDraw.Draw(im)
+    d.text((4, 4), title, fill="black")
+    for j, lab in enumerate(k_labels):
+        d.text((left + j * cell + 3, top - 14), lab, fill="black")
+    for i in range(Tq):
+        d.text((6, top + i * cell + 2), q_labels[i], fill="black")
+        for j in range(Tk):
+            x0, y0 = left + j * cell, top + i * cell
+            color = (IMAGE if key_is_image[j] else TEXT) if mask[i, j] else EMPTY
+            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=GRID)
+    return im
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/masks.png")
+    args = parser.parse_args()
+    tok = casa.get_tokenizer()
+    ids = tok.encode("ab<|image|>cde<|image|>fg", allowed_special="all")
+    idx = torch.tensor([ids])
+    panels = []
+    for variant in ["insertion", "ca", "ca_tv"]:
+        panels += [draw_panel(*p) for p in masks_for(variant, idx, n_images=2)]
+    panels = [panels[0], panels[1], panels[2], panels[4]]  # SA panel once
+    width = sum(p.width for p in panels) + 10 * (len(panels) + 1)
+    height = max(p.height for p in panels) + 40
+    fig = Image.new("RGB", (width, height), "white")
+    x = 10
+    for p in panels:
+        fig.paste(p, (x, 10))
+        x += p.width + 10
+    d = ImageDraw.Draw(fig)
+    d.text((10, height - 24), "rows: queries; columns: keys; blue = text key, orange = image key "
+           "(y1, y2: first token of each image); I = <|image|> marker", fill="black")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    fig.save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
