@@ -1,0 +1,145 @@
+"""
+Shared helpers for the self-made datasets in data/<name>/prepare.py.
+
+Every dataset is written in the one folder format that users bring their own
+data in (see data/README.md): train.jsonl + val.jsonl + images/, with image
+paths relative to the folder. A prepare script only has to say how to make
+ONE sample from a seeded RNG; everything else (arguments, RNG streams,
+writing files, the summary line) lives here so the four scripts stay short.
+"""
+
+import argparse
+import functools
+import json
+import os
+import random
+import time
+
+from PIL import Image, ImageDraw, ImageFont
+
+SIZE = 64             # every image is SIZE x SIZE RGB; the model resizes to its own image_size
+MARKER = "<|image|>"  # in a prompt, binds the next image of the sample (in order)
+
+# a small palette of well separated colours; names are the exact answers
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+
+
+def a_an(word):
+    """'a red circle' but 'an orange circle'."""
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+# -----------------------------------------------------------------------------
+# drawing
+
+def canvas(background):
+    return Image.new("RGB", (SIZE, SIZE), background)
+
+
+def draw_shape(draw, shape, cx, cy, r, fill):
+    """Draw `shape` centred on the integer point (cx, cy), spanning at most
+    cx-r..cx+r. All offsets depend on r only, so the same shape looks pixel-
+    identical wherever it is placed (tests rely on that)."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        s = round(r * 0.85)  # a bit smaller than r so its area is close to the circle's
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif shape == "triangle":
+        b = round(r * 0.75)
+        draw.polygon([(cx, cy - r), (cx + r, cy + b), (cx - r, cy + b)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "cross":
+        t = max(1, round(r * 0.3))
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def luminance(rgb):
+    r, g, b = rgb
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def contrasting_gray(rng, rgb, min_diff=90):
+    """A random gray that stays clearly distinguishable from `rgb`, so the
+    background varies (the model must look at the object, not the backdrop)
+    without ever hiding the object."""
+    lum = luminance(rgb)
+    grays = [g for g in range(0, 256, 5) if abs(g - lum) >= min_diff]
+    g = rng.choice(grays)
+    return (g, g, g)
+
+
+@functools.lru_cache(maxsize=None)  # decoding the embedded font is slow-ish; do it once
+def bitmap_font():
+    """Pillow's built-in bitmap font (6 px per character, ~7 px tall glyphs).
+    Since Pillow 10.1 load_default() returns a FreeType font when FreeType is
+    available; load_default_imagefont() is the old bitmap font, which is
+    embedded in Pillow (works offline) and renders identically everywhere."""
+    if hasattr(ImageFont, "load_default_imagefont"):
+        return ImageFont.load_default_imagefont()
+    return ImageFont.load_default()  # older Pillow: this IS the bitmap font
+
+
+def text_mask(text, scale=1):
+    """An "L" mask of `text` in the bitmap font, cropped to its ink and
+    enlarged `scale` times with nearest-neighbour (keeps pixels crisp)."""
+    font = bitmap_font()
+    mask = Image.new("L", (6 * len(text) + 8, 16), 0)
+    ImageDraw.Draw(mask).text((1, 1), text, font=font, fill=255)
+    mask = mask.crop(mask.getbbox())
+    if scale != 1:
+        mask = mask.resize((mask.width * scale, mask.height * scale), Image.NEAREST)
+    return mask
+
+
+# -----------------------------------------------------------------------------
+# running a prepare script
+
+def parse_args(script_file, about, n_train, n_val, argv=None):
+    here = os.path.dirname(os.path.abspath(script_file))
+    p = argparse.ArgumentParser(description=about)
+    p.add_argument("--out", default=here, help="output folder (default: this script's folder)")
+    p.add_argument("--n_train", type=int, default=n_train, help="number of training samples")
+    p.add_argument("--n_val", type=int, default=n_val, help="number of validation samples")
+    p.add_argument("--seed", type=int, default=1337, help="same seed -> byte-identical output")
+    return p.parse_args(argv)
+
+
+def write_dataset(name, make_sample, out, n_train, n_val, seed):
+    """make_sample(rng, stem) -> (record, [(relative_path, PIL image), ...]).
+    `stem` (e.g. "train_00042") is unique per sample, for naming its images.
+    Returns the number of images written."""
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    n_images = 0
+    for split, n in (("train", n_train), ("val", n_val)):
+        # one RNG stream per split; a string seed is hashed with sha512 by
+        # random.Random, so it is stable across runs and PYTHONHASHSEED
+        rng = random.Random(f"{name}/{split}/{seed}")
+        with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8", newline="\n") as f:
+            for i in range(n):
+                record, images = make_sample(rng, f"{split}_{i:05d}")
+                for path, img in images:
+                    img.save(os.path.join(out, path), format="PNG")
+                f.write(json.dumps(record) + "\n")
+                n_images += len(images)
+    return n_images
+
+
+def main(name, make_sample, script_file, about, n_train, n_val, argv=None):
+    args = parse_args(script_file, about, n_train, n_val, argv)
+    t0 = time.time()
+    n_images = write_dataset(name, make_sample, args.out, args.n_train, args.n_val, args.seed)
+    print(f"{name}: wrote {args.n_train} train / {args.n_val} val samples "
+          f"({n_images} images) to {args.out} in {time.time() - t0:.1f}s")

@@ -1,0 +1,179 @@
+"""
+Tests for the self-made datasets: each data/<name>/prepare.py is run (small)
+from outside the repo, twice with one seed and once with another, and the
+output is checked against the folder format described in data/README.md.
+"""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from data.common import COLORS, MARKER, SHAPES, SIZE, draw_shape  # noqa: E402
+
+SMALL = {"shapes": (40, 10), "text": (40, 10), "charts": (40, 10), "video": (24, 8)}  # (n_train, n_val)
+ANSWER = re.compile(r"^[a-z0-9]+( [a-z0-9]+)*$")  # short, lowercase, no punctuation
+
+
+def script(name):
+    return ROOT / "data" / name / "prepare.py"
+
+
+def run_prepare(name, base):
+    """Run data/<name>/prepare.py three times: {a: seed 1, b: seed 1 again,
+    c: seed 2}; return the three output folders."""
+    n_train, n_val = SMALL[name]
+    runs = {"a": 1, "b": 1, "c": 2}
+    # all three at once; cwd is not the repo root, so the script has to find
+    # data/common.py by itself
+    procs = [subprocess.Popen([sys.executable, str(script(name)), "--out", str(base / k),
+                               "--n_train", str(n_train), "--n_val", str(n_val), "--seed", str(seed)],
+                              cwd=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k, seed in runs.items()]
+    for p in procs:
+        _, err = p.communicate()
+        assert p.returncode == 0, err.decode()
+    return {k: base / k for k in runs}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """generated(name) -> output folders, each dataset generated once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = run_prepare(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+    return get
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def load(folder, split):
+    with open(folder / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def normalize(rec):
+    """Both line forms -> (images, turns)."""
+    if "image" in rec:
+        return [rec["image"]], [{"prompt": rec["prompt"], "answer": rec["answer"]}]
+    return rec["images"], rec["turns"]
+
+
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_deterministic(generated, name):
+    d = generated(name)
+    a, b, c = snapshot(d["a"]), snapshot(d["b"]), snapshot(d["c"])
+    assert a == b, f"{name}: same seed gave different files"
+    assert a["train.jsonl"] != c["train.jsonl"] and a["val.jsonl"] != c["val.jsonl"]
+    assert a["train.jsonl"] != a["val.jsonl"]
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_format(generated, name):
+    folder = generated(name)["a"]
+    for split, n in zip(("train", "val"), SMALL[name]):
+        records = load(folder, split)
+        assert len(records) == n
+        for rec in records:
+            assert isinstance(rec["task"], str) and rec["task"]
+            images, turns = normalize(rec)
+            assert images and turns
+            n_markers = sum(t["prompt"].count(MARKER) for t in turns)
+            assert n_markers == len(images) or (len(images) == 1 and n_markers == 0), rec
+            for t in turns:
+                assert isinstance(t["prompt"], str) and ANSWER.match(t["answer"]), t
+            for path in images:
+                assert not Path(path).is_absolute()
+                with Image.open(folder / path) as img:
+                    assert img.format == "PNG" and img.mode == "RGB" and img.size == (SIZE, SIZE)
+            if name == "video":
+                assert rec["fps"] > 0 and rec["task"] in ("video_caption", "video_memory")
+            else:
+                assert rec["task"] == name
+
+
+def test_shapes_colour_is_in_image(generated):
+    d = generated("shapes")
+    for rec in load(d["a"], "train"):
+        named = [w for w in rec["answer"].split() if w in COLORS]  # "red" or "a red circle"
+        if rec["prompt"] == "what shape is this?":
+            assert not named and rec["answer"] in SHAPES
+            continue
+        assert len(named) == 1, rec
+        colour = COLORS[named[0]]
+        pixels = np.array(Image.open(d["a"] / rec["image"])).reshape(-1, 3)
+        assert (pixels == colour).all(-1).any(), rec
+
+
+# -----------------------------------------------------------------------------
+# video: check answers against the pixels of the frames
+
+def video_module():
+    spec = importlib.util.spec_from_file_location("video_prepare", script("video"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ink_crop(mask):
+    ys, xs = np.nonzero(mask)
+    return mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def describe_object(path, templates):
+    """(colour, shape) of the one object in a video_memory frame."""
+    a = np.array(Image.open(path))
+    ink = (a != 255).any(-1)
+    colours = {tuple(int(v) for v in px) for px in a[ink]}
+    assert len(colours) == 1, colours
+    colour = {rgb: n for n, rgb in COLORS.items()}[colours.pop()]
+    crop = ink_crop(ink)
+    shapes = [s for s, t in templates.items() if t.shape == crop.shape and (t == crop).all()]
+    assert len(shapes) == 1
+    return colour, shapes[0]
+
+
+def test_video_answers_match_frames(generated):
+    d = generated("video")
+    mod = video_module()
+    templates = {}
+    for s in SHAPES:
+        img = Image.new("L", (SIZE, SIZE), 0)
+        draw_shape(ImageDraw.Draw(img), s, SIZE // 2, SIZE // 2, mod.R, 255)
+        templates[s] = ink_crop(np.array(img) > 0)
+
+    records = load(d["a"], "train") + load(d["a"], "val")
+    tasks = [r["task"] for r in records]
+    assert 0.2 < tasks.count("video_memory") / len(tasks) < 0.8  # roughly half each
+    for rec in records:
+        frames = [(d["a"] / p).read_bytes() for p in rec["images"]]
+        answers = [t["answer"] for t in rec["turns"]]
+        assert all(t["prompt"].startswith(MARKER) for t in rec["turns"])  # one frame per turn
+        if rec["task"] == "video_caption":
+            assert all(t["prompt"] == MARKER for t in rec["turns"])
+            for j in range(1, len(frames)):  # commentary says "nothing" exactly when nothing changed
+                assert (frames[j] == frames[j - 1]) == (answers[j] == "nothing changes"), (rec, j)
+        else:
+            question = rec["turns"][-1]["prompt"]
+            key = 0 if "color" in question else 1
+            first = describe_object(d["a"] / rec["images"][0], templates)
+            last = describe_object(d["a"] / rec["images"][-1], templates)
+            assert answers[-1] == first[key] != last[key], rec
+            # the earlier commentary never names a colour or shape
+            words = set(" ".join(answers[:-1]).split())
+            assert not words & (set(COLORS) | set(SHAPES)), rec
