@@ -563,6 +563,10 @@ class VLM(nn.Module):
                              f"{config.block_size}); shorten the prompt or train with a larger block_size")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {config.vocab_size}); got {int(idx.min())}..{int(idx.max())}")
+        if images is not None and images.dim() != 4:  # before counting: size(0) of one (3, S, S) image is 3
+            S = config.image_size
+            raise ValueError(f"images must be (M, 3, {S}, {S}) RGB (config.image_size={S}); got shape "
+                             f"{tuple(images.shape)}. Stack them into one batch (one image: images[None])")
         n_markers = int((idx == self.image_id).sum())
         n_images = 0 if images is None else images.size(0)
         if n_markers != n_images:
@@ -880,7 +884,10 @@ def load_checkpoint(path, device="cpu"):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (train one with: python train.py --out_dir=...)")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # not a torch file at all (text, empty, truncated, foreign pickle)
+        raise ValueError(f"{path} is not a casa checkpoint (torch.load failed: {type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a casa checkpoint (expected keys 'model' and 'config')")
     try:
