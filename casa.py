@@ -313,14 +313,15 @@ def rope_inv_freq(config):
 # insertion; turning every switch on (and seeing all past images, D5) is insertion.
 
 VARIANTS = {
-    #              image tokens   D1: CA reuses   D2: window text   D3: CA replaces   D4: image tokens
-    #              in the stream  SA projections  in the CA keys    every 2nd SA      through the FFNs
-    "ca":         dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False),
-    "ca_shared":  dict(insert_images=False, ca_shared=True,  ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False),
-    "ca_tv":      dict(insert_images=False, ca_shared=False, ca_text_keys=True,  ca_replaces_sa=False, ca_image_ffn=False),
-    "ca_replace": dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=True,  ca_image_ffn=False),
-    "ca_ffn":     dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=True),
-    "insertion":  dict(insert_images=True,  ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False),
+    #              image tokens   D1: CA reuses   D2: window text   D3: CA replaces   D4: image tokens   D5: CA sees every
+    #              in the stream  SA projections  in the CA keys    every 2nd SA      through the FFNs   past image
+    "ca":         dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False, ca_all_images=False),
+    "ca_shared":  dict(insert_images=False, ca_shared=True,  ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False, ca_all_images=False),
+    "ca_tv":      dict(insert_images=False, ca_shared=False, ca_text_keys=True,  ca_replaces_sa=False, ca_image_ffn=False, ca_all_images=False),
+    "ca_replace": dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=True,  ca_image_ffn=False, ca_all_images=False),
+    "ca_ffn":     dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=True,  ca_all_images=False),
+    "ca_all":     dict(insert_images=False, ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False, ca_all_images=True),
+    "insertion":  dict(insert_images=True,  ca_shared=False, ca_text_keys=False, ca_replaces_sa=False, ca_image_ffn=False, ca_all_images=True),
 }  # fmt: skip
 
 
@@ -360,6 +361,7 @@ class Config:
     ca_text_keys = property(lambda self: VARIANTS[self.variant]["ca_text_keys"])
     ca_replaces_sa = property(lambda self: VARIANTS[self.variant]["ca_replaces_sa"])
     ca_image_ffn = property(lambda self: VARIANTS[self.variant]["ca_image_ffn"])
+    ca_all_images = property(lambda self: VARIANTS[self.variant]["ca_all_images"])
 
     @property
     def n_image_tokens(self):
@@ -392,7 +394,7 @@ class Step:
         B, T_text = idx.shape
         is_marker = idx == model.image_id  # (B, T)
         self.img = img  # (M, N, C) new image tokens (updated per layer by ca_ffn), or None
-        self.has_images = img is not None or (cache is not None and bool(cache.window.gt(0).any()))
+        self.has_images = img is not None or (cache is not None and cache.ca_image.length > 0)
         # whether the CA branch runs: with no image anywhere its output is 0 and it is skipped,
         # except for ca_tv, whose CA layer also attends to the window's text
         self.run_ca = self.has_images or config.ca_text_keys
@@ -411,25 +413,24 @@ class Step:
         w0 = cache.window if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
         self.win = w0[:, None] + is_marker.cumsum(dim=1)  # (B, T)
         self.last_win = self.win[:, -1]
-        # image bank: slot 0 = the cached image of window w0 (if any), then the new images in
-        # reading order, one slot per window. bank_src[b, j] = index into the M new images, or -1.
+        # image bank: the new images in reading order, one slot of N tokens per window of the row.
+        # bank_src[b, j] = index into the M new images, or -1 (the row has fewer new images).
         n_new = is_marker.sum(dim=1)  # (B,)
         W = int(n_new.max()) if B > 0 else 0
         offsets = n_new.cumsum(0) - n_new  # first image index of each row
         j = torch.arange(W, device=device)
         self.bank_src = torch.where(j < n_new[:, None], offsets[:, None] + j, -1)  # (B, W)
-        slot_win = w0[:, None] + 1 + j  # (B, W)
-        slot_ok = self.bank_src >= 0
-        if cache is not None:
-            slot_win = torch.cat([w0[:, None], slot_win], dim=1)
-            slot_ok = torch.cat([cache.has_image[:, None], slot_ok], dim=1)
-        self.use_cached_image = cache is not None and bool(cache.has_image.any())
-        if not self.use_cached_image and cache is not None:  # no cached image anywhere: drop slot 0
-            slot_win, slot_ok = slot_win[:, 1:], slot_ok[:, 1:]
         N = config.n_image_tokens
-        # (B, T, Wb*N): a query sees the image tokens of its own window only
-        see_slot = (self.win[:, :, None] == slot_win[:, None, :]) & slot_ok[:, None, :]
-        self.ca_mask = see_slot.repeat_interleave(N, dim=2)
+        self.bank_win = (w0[:, None] + 1 + j).repeat_interleave(N, dim=1)  # (B, W*N) window of each key
+        self.bank_ok = (self.bank_src >= 0).repeat_interleave(N, dim=1)  # (B, W*N)
+        key_win, key_ok = self.bank_win, self.bank_ok
+        if cache is not None:  # images cached by earlier calls come first; their pos is their window
+            key_win = torch.cat([cache.ca_image.pos[:, : cache.ca_image.length], key_win], dim=1)
+            key_ok = torch.cat([cache.ca_image.valid[:, : cache.ca_image.length], key_ok], dim=1)
+        # (B, T, keys): a query sees its own window's image; with D5, every image so far
+        q_win = self.win[:, :, None]
+        see = (key_win[:, None, :] <= q_win) if config.ca_all_images else (key_win[:, None, :] == q_win)
+        self.ca_mask = see & key_ok[:, None, :]
         self.img_pos = self.pos[is_marker] if img is not None else None  # (M,) marker positions
         if config.ca_text_keys:  # the window's text, causal; cached window text is window w0's
             new_text = (self.win[:, :, None] == self.win[:, None, :]) & torch.ones(
@@ -466,26 +467,21 @@ class Step:
             self.sa_mask, self.sa_key_is_image = None, self.is_image
 
     def image_bank(self, k_new, v_new, layer_cache):
-        """Per-row image keys/values, one slot of N tokens per window: (B, H, Wb*N, D)."""
-        parts_k, parts_v = [], []
-        if layer_cache is not None and self.use_cached_image:
-            parts_k.append(layer_cache.image_k)
-            parts_v.append(layer_cache.image_v)
+        """Image keys/values a CA layer attends to, (B, H, keys, D): images cached by earlier calls,
+        then this call's new images, one slot of N tokens per window. None if there are none."""
+        bank_k = bank_v = None
         if k_new is not None and self.bank_src.size(1) > 0:
             src = self.bank_src.clamp(min=0)  # (B, W); unused slots are masked out
             B, W = src.shape
             M, H, N, D = k_new.shape
             bank_k = k_new[src].permute(0, 2, 1, 3, 4).reshape(B, H, W * N, D)
             bank_v = v_new[src].permute(0, 2, 1, 3, 4).reshape(B, H, W * N, D)
-            parts_k.append(bank_k)
-            parts_v.append(bank_v)
-            if layer_cache is not None:  # keep each row's newest image for the next call
-                layer_cache.store_image(bank_k.view(B, H, W, N, D), bank_v.view(B, H, W, N, D), self.bank_src)
-        if not parts_k:  # no image yet (ca_tv text before the first image): an empty bank
-            return None, None
-        k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, dim=2)
-        v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, dim=2)
-        return k, v
+        if layer_cache is None:
+            return bank_k, bank_v
+        store = layer_cache.ca_image
+        if bank_k is None:  # nothing new: what is cached (if anything)
+            return store.read() if store.length else (None, None)
+        return store.write(bank_k, bank_v)
 
 
 class VLM(nn.Module):
@@ -673,6 +669,12 @@ class KVStore:
         self.layer += 1
         return self.k[i, :, :, :end], self.v[i, :, :, :end]
 
+    def read(self):
+        """For a layer with nothing new to write: its keys/values (B, H, length, D)."""
+        i = self.layer
+        self.layer += 1
+        return self.k[i, :, :, : self.length], self.v[i, :, :, : self.length]
+
     def mask(self, pos, valid):
         """Self-attention mask (B, T, length + T) for new queries at positions pos (B, T):
         cached valid slots, and the new tokens causally (valid ones only)."""
@@ -735,25 +737,10 @@ class KVStore:
 
 
 class LayerCache:
-    """One layer's view of the cache: its SA store, its cached image K/V, its ca_tv text store."""
+    """One layer's view of the cache: its SA store, its CA image store, its ca_tv text store."""
 
-    def __init__(self, cache, sa, ca_text):
-        self.cache, self.sa, self.ca_text = cache, sa, ca_text
-        self.image_k = self.image_v = None  # (B, H, N, D): the current window's image, per row
-
-    def store_image(self, bank_k, bank_v, bank_src):
-        """bank_k/v (B, H, W, N, D) new images per row; keep each row's newest one."""
-        n_new = (bank_src >= 0).sum(1)  # (B,)
-        has_new = n_new > 0
-        last = (n_new - 1).clamp(min=0)
-        B, H, W, N, D = bank_k.shape
-        pick = last[:, None, None, None, None].expand(B, H, 1, N, D)
-        k_last, v_last = bank_k.gather(2, pick)[:, :, 0], bank_v.gather(2, pick)[:, :, 0]
-        if self.image_k is None:
-            self.image_k, self.image_v = torch.zeros_like(k_last), torch.zeros_like(v_last)
-        sel = has_new[:, None, None, None]
-        self.image_k = torch.where(sel, k_last, self.image_k)
-        self.image_v = torch.where(sel, v_last, self.image_v)
+    def __init__(self, sa, ca_image, ca_text):
+        self.sa, self.ca_image, self.ca_text = sa, ca_image, ca_text
 
 
 class Cache:
@@ -774,12 +761,13 @@ class Cache:
         n_sa, n_ca = sum(s for s, _ in kinds), sum(c for _, c in kinds)
         self.config, self.batch_size = config, batch_size
         self.sa = KVStore(n_sa, batch_size, H, D, device)
+        # CA image K/V; an entry's pos is its window. Without D5 only the current window's is kept.
+        self.ca_image = KVStore(n_ca, batch_size, H, D, device)
         self.ca_text = KVStore(n_ca, batch_size, H, D, device) if config.ca_text_keys else None
-        self.layers = [LayerCache(self, self.sa if s else None, self.ca_text if c else None) for s, c in kinds]
-        self.ca_layers = [lc for lc, (_, c) in zip(self.layers, kinds) if c]
+        self.layers = [LayerCache(self.sa if s else None, self.ca_image if c else None,
+                                  self.ca_text if c else None) for s, c in kinds]
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # next stream position
         self.window = torch.zeros(batch_size, dtype=torch.long, device=device)  # current window per row
-        self.has_image = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.sa_is_image = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # insertion
 
     def begin(self, step):
@@ -787,6 +775,8 @@ class Cache:
         self.sa.begin(step.pos.size(1))
         if self.ca_text is not None:
             self.ca_text.begin(step.pos.size(1))
+        if step.win is not None:
+            self.ca_image.begin(step.bank_win.size(1))
 
     def commit(self, step):
         """After a forward: record positions, windows, which slots stay valid."""
@@ -810,27 +800,24 @@ class Cache:
             keep = torch.ones(B, self.ca_text.length, dtype=torch.bool, device=valid.device)
             keep[:, :old_len] = (step.last_win == self.window)[:, None]
             self.ca_text.drop(keep)
-        self.has_image |= step.last_win > 0
+        if self.ca_image.n_new:  # new images; without D5 keep only each row's newest
+            self.ca_image.commit(step.bank_win, step.bank_ok)
+        if not self.config.ca_all_images and self.ca_image.length:
+            self.ca_image.drop(self.ca_image.pos[:, : self.ca_image.length] == step.last_win[:, None])
         self.window = step.last_win
 
     def entries(self):
         """Cached entries per layer kind: self-attention, CA image, CA window text (ca_tv).
         Counted per layer of that kind, summed over the batch."""
-        N = self.config.n_image_tokens
         return {
             "self_attn": self.sa.entries(),
-            "cross_attn_image": int(self.has_image.sum()) * N if self.ca_layers else 0,
+            "cross_attn_image": self.ca_image.entries(),
             "cross_attn_text": self.ca_text.entries() if self.ca_text is not None else 0,
         }
 
     def nbytes(self):
         """Bytes held by the keys and values in use, every layer."""
-        total = self.sa.nbytes() + (self.ca_text.nbytes() if self.ca_text is not None else 0)
-        for lc in self.ca_layers:
-            if lc.image_k is not None:
-                per_row = lc.image_k[0].numel() * lc.image_k.element_size() * 2
-                total += int(self.has_image.sum()) * per_row
-        return total
+        return sum(store.nbytes() for store in (self.sa, self.ca_image, self.ca_text) if store is not None)
 
 
 # -----------------------------------------------------------------------------
@@ -905,7 +892,7 @@ def load_checkpoint(path, device="cpu"):
 
 def kv_formula(config):
     """The paper's #KV column for this variant (k turns, T text tokens and one N-token image each)."""
-    if config.insert_images:
+    if config.insert_images or config.ca_all_images:
         return "kT + kN"
     if config.ca_replaces_sa:
         return "kT (SA layers) or N (CA layers)"
@@ -920,7 +907,8 @@ def kv_cache_entries(config, turns, text_tokens, image_tokens=None):
     has_ca = any(c for _, c in config.layer_kinds())
     return {
         "self_attn": k * T + (k * N if config.insert_images else 0),
-        "cross_attn_image": N if k > 0 and has_ca else 0,  # only the current window's image
+        # only the current window's image; with D5 every image so far
+        "cross_attn_image": (k * N if config.ca_all_images else N) if k > 0 and has_ca else 0,
         "cross_attn_text": T if k > 0 and config.ca_text_keys else 0,  # only the current window's text
     }
 

@@ -147,7 +147,8 @@ def ref_kv(h, attn, n_head):
     return k.view(-1, n_head, C // n_head), v.view(-1, n_head, C // n_head)
 
 
-def ref_cross_attention(x, imgs, marker_pos, ln_w, attn, n_head, theta, text_keys, q_raw=None, record=None):
+def ref_cross_attention(x, imgs, marker_pos, ln_w, attn, n_head, theta, text_keys, q_raw=None, record=None,
+                        all_images=False):
     """The CA branch of one block for one row, by an explicit loop over queries and windows.
     x (T, C) the row's hidden states; imgs: the row's image tokens, one (N, C) per marker, in order;
     marker_pos: the markers' positions. Window w >= 1 runs from the w-th marker to the next one.
@@ -157,6 +158,7 @@ def ref_cross_attention(x, imgs, marker_pos, ln_w, attn, n_head, theta, text_key
       text up to the query (rotated to their positions), one softmax; q rotated to its position.
       Window 0 has no image; its text still attends to window 0's text (casa's convention since
       commit 907479e: the CA^{t+v} layer is insertion's SA restricted to the window).
+    - all_images (D5, ca_all): a query in window w attends to images 1..w, in one softmax.
     q_raw: (T, H, D) query given from outside (ca_shared: SA's unrotated q).
     Returns (T, H, D) before the output projection."""
     T, C = x.shape
@@ -172,13 +174,13 @@ def ref_cross_attention(x, imgs, marker_pos, ln_w, attn, n_head, theta, text_key
     for t in range(T):
         w = sum(1 for p in marker_pos if p <= t)  # this query's window
         keys, vals, n_img = [], [], 0
-        if w > 0:
-            ki, vi = ref_kv(ref_rms(imgs[w - 1], ln_w), attn, n_head)
+        for i in (range(1, w + 1) if all_images else [w] if w > 0 else []):
+            ki, vi = ref_kv(ref_rms(imgs[i - 1], ln_w), attn, n_head)
             if text_keys:
-                ki = ref_rope(ki, [marker_pos[w - 1]] * ki.size(0), theta)
+                ki = ref_rope(ki, [marker_pos[i - 1]] * ki.size(0), theta)
             keys.append(ki)
             vals.append(vi)
-            n_img = ki.size(0)
+            n_img += ki.size(0)
         if text_keys:
             s0 = marker_pos[w - 1] if w > 0 else 0
             keys.append(kt[s0 : t + 1])
@@ -260,7 +262,7 @@ def reference_forward(model, idx, images, records=None):
                         out_b = ref_merge(y_sa + y_ca, block.sa.o)  # o applied once, to the sum
                     else:
                         y_ca = ref_cross_attention(x, imgs, marker_pos, block.ln_ca.weight, block.ca, H, theta,
-                                                   cfg.ca_text_keys, record=rec)
+                                                   cfg.ca_text_keys, record=rec, all_images=cfg.ca_all_images)
                         out_b = ref_merge(y_ca, block.ca.o)
                         if y_sa is not None:
                             out_b = out_b + ref_merge(y_sa, block.sa.o)
@@ -334,7 +336,8 @@ def test_cross_attend_matches_naive_windows(variant):
             m += len(marker_pos)
             ln, attn = (block.ln_sa, block.sa) if cfg.ca_shared else (block.ln_ca, block.ca)
             want = ref_cross_attention(x[b], imgs, marker_pos, ln.weight, attn, cfg.n_head, cfg.rope_theta,
-                                       cfg.ca_text_keys, q_raw=None if q is None else q[b].transpose(0, 1))
+                                       cfg.ca_text_keys, q_raw=None if q is None else q[b].transpose(0, 1),
+                                       all_images=cfg.ca_all_images)
             torch.testing.assert_close(got[b].transpose(0, 1), want, **REF_TOL)
             if not cfg.ca_text_keys:  # text before the first image: exactly zero CA output
                 assert got[b, :, : marker_pos[0]].abs().max() == 0
@@ -430,7 +433,7 @@ def check_cache(model, cache, turns, T, B):
     assert cache.nbytes() == casa.kv_cache_bytes(cfg, turns, T, batch_size=B)
     # the formula itself, by hand, from the paper's table (per layer of each kind, float32 K and V)
     text = turns * T + (turns * N if cfg.insert_images else 0)
-    image = N if n_ca else 0
+    image = (turns * N if cfg.ca_all_images else N) if n_ca else 0  # D5 keeps every image
     window_text = T if cfg.ca_text_keys else 0
     assert want == {"self_attn": text, "cross_attn_image": image, "cross_attn_text": window_text}
     assert cache.nbytes() == B * (n_sa * text + n_ca * (image + window_text)) * 2 * C * 4
@@ -445,6 +448,9 @@ def expect_growth(model, growth, T, B):
     per_entry = 2 * cfg.n_embd * 4
     if cfg.insert_images:
         assert growth == B * cfg.n_layer * (T + cfg.n_image_tokens) * per_entry
+    elif cfg.ca_all_images:  # D5: every image stays in the CA layers
+        n_ca = sum(c for _, c in cfg.layer_kinds())
+        assert growth == B * (n_sa * T + n_ca * cfg.n_image_tokens) * per_entry
     else:
         assert growth == B * n_sa * T * per_entry
 
