@@ -750,6 +750,7 @@ class Cache:
         ca, ...     SA layers: text only; CA layers: the current image  kT + N
         ca_tv       as ca, plus the current window's text in CA layers  kT + (T + N)
         ca_replace  SA layers (half): text; CA layers (half): image     kT or N
+        ca_all      SA layers: text only; CA layers: every image so far kT + kN
 
     Image K/V are computed once, when the image arrives. Use model.new_cache(batch_size)."""
 
