@@ -652,8 +652,9 @@ class KVStore:
         cap = 0 if self.k is None else self.k.size(3)
         if self.k is None or self.k.dtype != dtype or need > cap:
             new_cap = max(need, 2 * cap, 16)
-            k = torch.zeros(L, B, H, new_cap, D, dtype=dtype, device=self.device)
-            v = torch.zeros_like(k)
+            # empty, not zeros: only the filled part is ever read
+            k = torch.empty(L, B, H, new_cap, D, dtype=dtype, device=self.device)
+            v = torch.empty_like(k)
             if self.k is not None:
                 k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
                 v[:, :, :, : self.length] = self.v[:, :, :, : self.length]

@@ -1,0 +1,566 @@
+"""
+stream.py: stream video into a vision-language model, one frame per turn, through ONE persistent
+KV cache; and measure why cross-attention stays flat where token insertion grows.
+
+Three modes:
+
+  live captioning   python stream.py --ckpt out/ckpt.pt [--clip 0 | --frames DIR] [--fps 2]
+      Frames of a clip (the checkpoint's dataset, val.jsonl) or a folder of images (sorted by name)
+      arrive in simulated real time: frame i at i/fps seconds. Each frame is one turn,
+      "<|image|><|answer|>" + the model's commentary, appended to the same cache. One line per frame:
+      its time in the video, when the line was ready (wall clock since the start) and the delay.
+
+  benchmark         python stream.py --bench [--turns 300] [--image_tokens 64] [--gen_tokens 8]
+      Every variant on the same backbone with random weights, batch 1, K turns of one N-token frame
+      plus m greedy tokens. Per turn: time to first token, decode speed, cached entries, KV bytes,
+      peak memory; the measured cache is checked against casa.kv_cache_bytes/kv_cache_entries.
+      Prints a table (first 10% of turns -> last 10%), writes --json and draws --png.
+
+  analytic          python stream.py --analytic
+      KV-cache bytes per turn for the paper's backbones (bf16), and the turn at which each variant's
+      cache passes 80 GB.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+import casa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MiB = 2**20
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# -----------------------------------------------------------------------------
+# Live captioning
+
+
+def saved_settings(ckpt):
+    """The training settings a checkpoint carries: train.py saves them as 'train_args'."""
+    for key in ("train_args", "args"):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return {}
+
+
+def find_dataset(args, ckpt):
+    """--data if given, else the checkpoint's dataset (its 'dataset_dir', or the 'dataset' setting it
+    was trained with), else data/video. A name like "video" is looked up under data/."""
+    saved = [ckpt.get("dataset_dir"), saved_settings(ckpt).get("dataset"), "data/video"]
+    candidates = [args.data] if args.data else saved
+    for candidate in candidates:
+        if not isinstance(candidate, str) or not candidate:
+            continue
+        for path in (candidate, os.path.join(HERE, candidate), os.path.join(HERE, "data", candidate)):
+            if os.path.isfile(os.path.join(path, "val.jsonl")):
+                return path
+    raise FileNotFoundError(f"no val.jsonl found for dataset {' / '.join(str(c) for c in candidates if c)}; make the "
+                            "video clips with: python data/video/prepare.py (or pass --frames DIR)")
+
+
+def load_frames(args, ckpt, image_size):
+    """-> (frames (K, 3, S, S), prompts [K], references [K] or None, fps, description)."""
+    if args.frames:
+        if not os.path.isdir(args.frames):
+            raise FileNotFoundError(f"--frames {args.frames}: no such folder")
+        names = sorted(f for f in os.listdir(args.frames) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not names:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.frames}")
+        frames = [casa.load_image(os.path.join(args.frames, f), image_size) for f in names]
+        return torch.stack(frames), [args.prompt] * len(frames), None, args.fps or 2.0, args.frames
+    folder = find_dataset(args, ckpt)
+    with open(os.path.join(folder, "val.jsonl"), encoding="utf-8") as f:
+        clips = [json.loads(line) for line in f if line.strip()]
+    if not 0 <= args.clip < len(clips):
+        raise IndexError(f"--clip {args.clip} out of range: {folder}/val.jsonl has {len(clips)} clips")
+    clip = clips[args.clip]
+    frames = torch.stack([casa.load_image(os.path.join(folder, p), image_size) for p in clip["images"]])
+    turns = clip.get("turns", [])
+    refs = [t["answer"] for t in turns] if len(turns) == len(frames) else None
+    prompts = [t["prompt"] for t in turns] if args.clip_prompts and refs else [args.prompt] * len(frames)
+    desc = f"{folder}/val.jsonl clip {args.clip} ({clip.get('task', '?')})"
+    return frames, prompts, refs, args.fps or clip.get("fps", 2.0), desc
+
+
+@torch.inference_mode()
+def live(args):
+    device = pick_device(args.device)
+    model, ckpt = casa.load_checkpoint(args.ckpt, device=device)
+    model.eval()
+    tokenizer = saved_settings(ckpt).get("tokenizer", "bytes")
+    tok = casa.get_tokenizer(tokenizer if isinstance(tokenizer, str) else "bytes")
+    stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
+    frames, prompts, refs, fps, desc = load_frames(args, ckpt, model.config.image_size)
+    for p in prompts:
+        if p.count(casa.IMAGE) != 1:
+            raise ValueError(f"each turn's prompt needs exactly one {casa.IMAGE} marker (the frame), got {p!r}")
+    print(f"live captioning: {len(frames)} frames of {desc} at {fps:g} fps, variant {model.config.variant}, "
+          f"{device}{', no waiting for real time' if args.no_wait else ''}")
+    print(" video t | ready at |  delay | commentary    (delay = ready - the frame's time; < 0: ahead of the video)")
+    cache = model.new_cache(1)
+    delays, start = [], time.perf_counter()
+    for i, frame in enumerate(frames):
+        arrival = i / fps  # frame i arrives i/fps seconds after the start
+        if not args.no_wait:  # the model is ahead of the video: wait for the frame
+            time.sleep(max(0.0, arrival - (time.perf_counter() - start)))
+        ids, _ = casa.encode_turn(tok, prompts[i])
+        idx = torch.tensor([ids], device=device)
+        out = model.generate(idx, frame[None].to(device), max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, stop_token=stop, cache=cache)
+        sync(device)
+        ready = time.perf_counter() - start
+        new = [t for t in out[0, len(ids):].tolist() if t != stop]  # the answer; the cache also holds <|endoftext|>
+        text = tok.decode(new).replace("\n", " ")
+        delays.append(ready - arrival)
+        ref = f"   [ref: {refs[i]}]" if refs is not None else ""
+        print(f"{arrival:7.2f}s | {ready:7.2f}s | {ready - arrival:+5.2f}s | {text}{ref}", flush=True)
+    duration = len(frames) / fps
+    processing = time.perf_counter() - start
+    e = cache.entries()
+    print(f"{len(frames)} frames ({duration:.1f}s of video) in {processing:.2f}s; delay mean "
+          f"{sum(delays) / len(delays):+.3f}s, max {max(delays):+.3f}s; cache {cache.nbytes() / MiB:.2f} MiB, "
+          f"entries per layer {e}")
+    return delays
+
+
+# -----------------------------------------------------------------------------
+# Benchmark
+
+
+def parse_bytes(text):
+    """'2GB' -> 2e9, '512MiB' -> 536870912, '1e9' -> 1e9 (bytes)."""
+    if text is None:
+        return None
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9,
+             "k": 1e3, "m": 1e6, "g": 1e9, "b": 1}
+    t = str(text).strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * units[unit])
+    return int(float(t))
+
+
+def format_bytes(n):
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / MiB:.1f} MiB" if n >= MiB else f"{n / 1024:.0f} KiB"
+
+
+def bench_config(args, variant):
+    """The benchmark backbone as `variant`: N image tokens = (image_size / patch_size)^2."""
+    grid = math.isqrt(args.image_tokens)
+    if grid * grid != args.image_tokens:
+        raise ValueError(f"--image_tokens must be a square (a grid of patches), got {args.image_tokens}")
+    return casa.Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                       image_size=grid * args.patch_size, patch_size=args.patch_size,
+                       n_vis_layer=args.n_vis_layer, n_vis_head=args.n_vis_head, n_vis_embd=args.n_vis_embd,
+                       variant=variant)
+
+
+def held_bytes(model, cache):
+    """CPU stand-in for peak memory: bytes of the parameters plus the KV cache's tensors as
+    allocated (every KVStore's full capacity, unused slots included)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for store in vars(cache).values():
+        if isinstance(store, casa.KVStore) and store.k is not None:
+            total += store.k.numel() * store.k.element_size() + store.v.numel() * store.v.element_size()
+    return total
+
+
+def one_turn(model, prompt, frame, m, cache):
+    """One streaming turn, as model.generate(prompt, frame, m, temperature=0, cache=cache) does it
+    (greedy, no stop token, never the image marker), timed in two parts.
+    Returns (ttft_s, decode_s, generated ids (1, m))."""
+    device = str(prompt.device)
+    sync(device)
+    t0 = time.perf_counter()
+    logits, _ = model(prompt, frame, cache=cache)  # frame encoding + prefill of marker and <|answer|>
+    out = [next_token(model, logits)]
+    sync(device)
+    t1 = time.perf_counter()
+    for i in range(m):  # feed every generated token: tokens 2..m come out, the m-th goes into the cache
+        logits, _ = model(out[-1], cache=cache)
+        if i < m - 1:
+            out.append(next_token(model, logits))
+    sync(device)
+    return t1 - t0, time.perf_counter() - t1, torch.cat(out, dim=1)
+
+
+def next_token(model, logits):
+    last = logits[:, -1, :].clone()
+    last[:, model.image_id] = float("-inf")
+    return last.argmax(dim=-1, keepdim=True)
+
+
+class Session:
+    """One variant with random weights streaming into its own cache, one turn at a time."""
+
+    def __init__(self, args, variant, device, frames):
+        torch.manual_seed(args.seed)
+        self.variant, self.device, self.frames = variant, device, frames
+        self.config = bench_config(args, variant)
+        self.model = casa.VLM(self.config).to(device).eval()
+        self.prompt = torch.tensor([casa.encode_turn(casa.get_tokenizer(), casa.IMAGE)[0]], device=device)
+        self.m = args.gen_tokens
+        self.T = self.prompt.size(1) + self.m  # text tokens a turn leaves in the cache: marker, <|answer|>, m generated
+        self.params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.elem = next(self.model.parameters()).element_size()
+        self.records, self.failures, self.stopped, self.last_peak, self.seconds = [], [], None, 0, 0.0
+        # warm-up on a throwaway cache: one-time costs (allocator, kernel choice, lazy init) are
+        # paid here, so the first timed turns measure streaming and not start-up
+        warm = self.model.new_cache(1)
+        for i in range(args.warmup):
+            one_turn(self.model, self.prompt, frames[i % len(frames)], self.m, warm)
+        self.cache = self.model.new_cache(1)
+
+    def fits(self, k, budget):
+        """Would turn k (k turns done) stay within the budget? Projected memory: the last turn's
+        peak, or the weights plus twice the formula's KV after the turn (the store may double)."""
+        kv = casa.kv_cache_bytes(self.config, k + 1, self.T, bytes_per_value=self.elem)
+        return budget is None or max(self.last_peak, self.params + 2 * kv) <= budget
+
+    def turn(self, k, log=print):
+        cuda = self.device.startswith("cuda")
+        if cuda:  # every variant's model and cache sit on the GPU: count only this one's
+            others = torch.cuda.memory_allocated() - held_bytes(self.model, self.cache)
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        ttft, decode, _ = one_turn(self.model, self.prompt, self.frames[k % len(self.frames)], self.m, self.cache)
+        self.seconds += time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() - others if cuda else held_bytes(self.model, self.cache)
+        entries, nbytes = self.cache.entries(), self.cache.nbytes()
+        want_entries = casa.kv_cache_entries(self.config, k + 1, self.T)
+        want_bytes = casa.kv_cache_bytes(self.config, k + 1, self.T, bytes_per_value=self.elem)
+        if entries != want_entries or nbytes != want_bytes:
+            self.failures.append(f"{self.variant} turn {k}: entries {entries} (formula {want_entries}), "
+                                 f"bytes {nbytes} (formula {want_bytes})")
+            if len(self.failures) <= 3:
+                log(f"FAIL: {self.failures[-1]}")
+        self.records.append(dict(variant=self.variant, turn=k, ttft_ms=1000 * ttft, decode_tok_s=self.m / decode,
+                                 cached_entries=sum(entries.values()), kv_bytes=nbytes, peak_bytes=peak))
+        self.last_peak = peak
+
+
+@torch.inference_mode()
+def run_bench(args, log=print):
+    """The benchmark as a function: returns the list of per-turn records (also written to
+    args.json / drawn to args.png when set). Raises SystemExit if the cache disagrees with the formula.
+    The variants run interleaved, turn k of each before turn k + 1 of any, so that a change in the
+    machine's load (other processes) hits every variant at the same turns."""
+    device = pick_device(args.device)
+    args.max_memory = parse_bytes(args.max_memory)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.gen_tokens < 1 or args.turns < 1:
+        raise ValueError("--gen_tokens and --turns must be at least 1")
+    for v in variants:
+        if v not in casa.VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(casa.VARIANTS)}")
+    c = bench_config(args, variants[0])
+    gen = torch.Generator().manual_seed(args.seed)
+    frames = [torch.rand(1, 3, c.image_size, c.image_size, generator=gen).to(device) for _ in range(8)]
+    T = 2 + args.gen_tokens
+    peak_kind = ("torch.cuda.max_memory_allocated during the turn (reset each turn), less what the other "
+                 "variants' models and caches hold" if device.startswith("cuda") else
+                 "parameters + KV tensors as allocated (capacity incl. unused slots)")
+    log(f"bench: {args.turns} turns, N={c.n_image_tokens} image tokens + T={T} text tokens per turn "
+        f"(<|image|> <|answer|> + {args.gen_tokens} generated, all cached); backbone n_layer={c.n_layer} "
+        f"n_embd={c.n_embd} n_head={c.n_head}, vision {c.n_vis_layer}x{c.n_vis_embd}; random weights, batch 1, "
+        f"{device}, {torch.get_num_threads()} threads; {args.warmup} warm-up turns on a throwaway cache; "
+        f"variants interleaved turn by turn")
+    log(f"TTFT = frame encoding + prefill of <|image|><|answer|> to the first token's logits; decode tok/s = "
+        f"{args.gen_tokens} / time of the {args.gen_tokens} one-token forwards that follow (as model.generate)")
+    log(f"cached entries = sum over layer kinds of entries per layer (self-attn + CA image + CA window text); "
+        f"peak = {peak_kind}")
+    t_start = time.perf_counter()
+    sessions = [Session(args, v, device, frames) for v in variants]
+    for k in range(args.turns):
+        for s in sessions:
+            if s.stopped is None and not s.fits(k, args.max_memory):
+                s.stopped = k
+            if s.stopped is None:
+                s.turn(k, log)
+    for s in sessions:
+        note = f", stopped at turn {s.stopped}" if s.stopped is not None else ""
+        log(f"  {s.variant}: {len(s.records)} turns, {s.seconds:.1f}s{note}")
+    log(f"total {time.perf_counter() - t_start:.1f}s")
+    records = [r for s in sessions for r in s.records]
+    log(summary_table(sessions, args))
+    failures = [f for s in sessions for f in s.failures]
+    n = len(records)
+    log(f"formula check (cache.entries() == kv_cache_entries, cache.nbytes() == kv_cache_bytes): "
+        f"{'all ' + str(n) + ' turns match' if not failures else f'FAIL on {len(failures)} of {n} turns'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=0)
+        log(f"wrote {len(records)} records to {args.json}")
+    if args.png and records:
+        draw_png(records, args.png, title=f"streaming, {c.n_image_tokens} image + {T} text tokens per turn, "
+                 f"{c.n_layer}x{c.n_embd} backbone, {device}")
+        log(f"wrote {args.png}")
+    if failures:
+        raise SystemExit(f"FAIL: the cache disagrees with casa's formula on {len(failures)} turns: {failures[0]}")
+    return records
+
+
+def summary_table(sessions, args):
+    """Markdown table: mean over the first 10% of turns -> mean over the last 10%."""
+    rows = ["| variant | #KV (per layer) | TTFT ms | decode tok/s | cached entries | KV MiB | peak MiB | note |",
+            "|---|---|---|---|---|---|---|---|"]
+    for s in sessions:
+        v, recs = s.variant, s.records
+        note = f"stopped at turn {s.stopped} (budget {format_bytes(args.max_memory)})" if s.stopped is not None else ""
+        if not recs:
+            rows.append(f"| {v} | {casa.kv_formula(s.config)} | | | | | | {note} |")
+            continue
+        n = max(1, len(recs) // 10)
+        first, last = recs[:n], recs[-n:]
+
+        def span(key, fmt, scale=1.0):
+            a = sum(r[key] for r in first) / n * scale
+            b = sum(r[key] for r in last) / n * scale
+            return f"{a:{fmt}} → {b:{fmt}}"
+
+        rows.append(f"| {v} | {casa.kv_formula(s.config)} | {span('ttft_ms', '.1f')} | {span('decode_tok_s', '.0f')} | "
+                    f"{span('cached_entries', '.0f')} | {span('kv_bytes', '.2f', 1 / MiB)} | "
+                    f"{span('peak_bytes', '.1f', 1 / MiB)} | {note} |")
+    return "\n".join(rows)
+
+
+def ratios(records):
+    """Per variant: TTFT mean (and median) over the first and last 10% of turns, their ratio, and
+    insertion's last-10% mean TTFT over this variant's."""
+    import statistics
+
+    out = {}
+    for v in dict.fromkeys(r["variant"] for r in records):
+        t = [r["ttft_ms"] for r in records if r["variant"] == v]
+        n = max(1, len(t) // 10)
+        out[v] = dict(first=statistics.mean(t[:n]), last=statistics.mean(t[-n:]),
+                      median_ratio=statistics.median(t[-n:]) / statistics.median(t[:n]))
+        out[v]["ratio"] = out[v]["last"] / out[v]["first"]
+    if "insertion" in out:
+        for v in out:
+            out[v]["insertion_over_this"] = out["insertion"]["last"] / out[v]["last"]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The plot: two panels (memory, time to first token) against the turn, one line per variant
+
+
+COLORS = {"ca": (31, 119, 180), "ca_shared": (44, 160, 44), "ca_tv": (148, 103, 189),
+          "ca_replace": (140, 86, 75), "ca_ffn": (23, 190, 207), "ca_all": (255, 127, 14),
+          "insertion": (214, 39, 40)}
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + 1
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
+    start = math.floor(lo / step) * step
+    return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
+
+
+PANELS = (("peak_bytes", "memory (MiB)", 1 / MiB), ("ttft_ms", "time to first token (ms)", 1.0))
+
+
+def draw_png(records, path, title="", panels=PANELS):
+    """Pillow plot: one panel per (record key, axis label, scale), the turn on x, a line per variant."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    def font(size):
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: the fixed bitmap font
+            return ImageFont.load_default()
+
+    small, big = font(14), font(18)
+    W, H, pad_l, pad_r, pad_t, pad_b = 1400, 560, 90, 30, 70, 70
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((W // 2, 22), title, fill="black", font=big, anchor="mm")
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    panel_w = (W - 2 * pad_l - 2 * pad_r) // 2
+    for p, (key, label, scale) in enumerate(panels):
+        x0 = pad_l + p * (panel_w + pad_l + pad_r)
+        x1, y0, y1 = x0 + panel_w, pad_t, H - pad_b
+        turns = [r["turn"] for r in records]
+        values = sorted(r[key] * scale for r in records)
+        # rare spikes (e.g. a KV store doubling its capacity) would flatten everything else: the
+        # axis stops a little above the 99th percentile and taller points are drawn at its top
+        top = min(values[-1], 1.3 * values[int(0.99 * (len(values) - 1))])
+        tx = nice_ticks(0, max(turns) + 1)
+        ty = nice_ticks(0, top * 1.05)
+        n_clipped = sum(v > ty[-1] for v in values)
+        if n_clipped:
+            label += f"; {n_clipped} spikes above {ty[-1]:g} cut"
+        X = lambda t: x0 + (x1 - x0) * t / tx[-1]  # noqa: E731
+        Y = lambda v: y1 - (y1 - y0) * min(v, ty[-1]) / ty[-1]  # noqa: E731
+        for t in tx:
+            d.line([(X(t), y1), (X(t), y1 + 5)], fill="black")
+            d.line([(X(t), y0), (X(t), y1)], fill=(235, 235, 235))
+            d.text((X(t), y1 + 8), f"{t:g}", fill="black", font=small, anchor="mt")
+        for v in ty:
+            d.line([(x0 - 5, Y(v)), (x0, Y(v))], fill="black")
+            d.line([(x0, Y(v)), (x1, Y(v))], fill=(235, 235, 235))
+            d.text((x0 - 8, Y(v)), f"{v:g}", fill="black", font=small, anchor="rm")
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        d.text(((x0 + x1) // 2, y1 + 32), "turn (one frame each)", fill="black", font=small, anchor="mt")
+        d.text((x0, y0 - 10), label, fill="black", font=big, anchor="ls")
+        for v in variants:
+            pts = [(X(r["turn"]), Y(r[key] * scale)) for r in records if r["variant"] == v]
+            if len(pts) > 1:
+                d.line(pts, fill=COLORS.get(v, (0, 0, 0)), width=2)
+            elif pts:
+                d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=COLORS.get(v, (0, 0, 0)))
+        if p == 0:  # legend, top left of the first panel
+            for i, v in enumerate(variants):
+                ly = y0 + 14 + 20 * i
+                d.line([(x0 + 12, ly), (x0 + 40, ly)], fill=COLORS.get(v, (0, 0, 0)), width=3)
+                d.text((x0 + 46, ly), v, fill="black", font=small, anchor="lm")
+    img.save(path)
+
+
+# -----------------------------------------------------------------------------
+# Analytic: the paper's backbones. casa.kv_cache_bytes assumes as many K/V heads as query heads;
+# for grouped-query attention a cached entry of one layer holds 2 * n_kv_heads * head_dim values.
+
+PRESETS = {
+    "Helium1-2B": dict(n_layer=24, n_head=20, n_kv_head=20, head_dim=128,
+                       source="kyutai/helium-1-preview-2b config.json (hidden 2560, no GQA); "
+                              "ASSUMED the same for the final helium-1-2b"),
+    "Qwen2.5-VL-3B": dict(n_layer=36, n_head=16, n_kv_head=2, head_dim=128,
+                          source="Qwen/Qwen2.5-VL-3B-Instruct config.json (hidden 2048, GQA)"),
+}
+
+
+def analytic_rows(preset, image_tokens, text_tokens, budget=80e9, bytes_per_value=2):
+    """Per variant: KV bytes per turn (after the first turn, i.e. the growth per turn), KV after 1
+    and 256 turns, and the first turn whose cache exceeds the budget."""
+    p = PRESETS[preset]
+    per_entry = 2 * p["n_kv_head"] * p["head_dim"] * bytes_per_value  # K and V of one token, one layer
+    rows = []
+    for v in casa.VARIANTS:
+        config = casa.Config(n_layer=p["n_layer"], variant=v)
+        kinds = config.layer_kinds()
+        n_sa, n_ca = sum(s for s, _ in kinds), sum(c for _, c in kinds)
+
+        def kv(k):
+            e = casa.kv_cache_entries(config, k, text_tokens, image_tokens)
+            return per_entry * (n_sa * e["self_attn"] + n_ca * (e["cross_attn_image"] + e["cross_attn_text"]))
+
+        growth = kv(2) - kv(1)  # every turn after the first adds exactly this
+        over = 1 if kv(1) > budget else 1 + math.floor((budget - kv(1)) / growth) + 1
+        rows.append(dict(variant=v, formula=casa.kv_formula(config), per_turn=growth, kv_1=kv(1), kv_256=kv(256),
+                         turn_over_budget=over))
+    return rows
+
+
+def analytic(args):
+    T = args.text_tokens
+    print(f"KV cache (keys + values, every layer, bf16), T={T} text tokens per turn; 'over 80 GB' = first turn whose "
+          "KV cache alone exceeds 80e9 bytes (weights and activations come on top)")
+    for name, p in PRESETS.items():
+        print(f"\n{name}: {p['n_layer']} layers, {p['n_head']} heads of {p['head_dim']}, {p['n_kv_head']} K/V heads "
+              f"-> {2 * p['n_kv_head'] * p['head_dim'] * 2 * p['n_layer'] / 1024:.0f} KiB per token over all layers\n"
+              f"  sizes from {p['source']}")
+        for N in args.analytic_image_tokens:
+            print(f"  N={N} image tokens per frame")
+            print(f"    {'variant':<11} {'#KV':<32} {'per turn':>11} {'after 256 turns':>16} {'over 80 GB at turn':>19}")
+            for r in analytic_rows(name, N, T):
+                print(f"    {r['variant']:<11} {r['formula']:<32} {format_bytes(r['per_turn']):>11} "
+                      f"{format_bytes(r['kv_256']):>16} {r['turn_over_budget']:>19,}")
+
+
+# -----------------------------------------------------------------------------
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
+                   "1 keeps timings stable when other processes share the cores")
+    live_ = p.add_argument_group("live captioning")
+    live_.add_argument("--ckpt", help="checkpoint (casa.save_checkpoint format)")
+    live_.add_argument("--clip", type=int, default=0, help="index of the clip in the dataset's val.jsonl")
+    live_.add_argument("--frames", help="a folder of images (sorted by name) instead of a clip")
+    live_.add_argument("--data", help="dataset folder (default: the checkpoint's, else data/video)")
+    live_.add_argument("--fps", type=float, default=None, help="frames per second (default: the clip's, else 2)")
+    live_.add_argument("--prompt", default=casa.IMAGE, help="each turn's prompt; one <|image|> marker")
+    live_.add_argument("--clip_prompts", action="store_true", help="use the clip's own prompts (e.g. its final question)")
+    live_.add_argument("--max_new_tokens", type=int, default=24)
+    live_.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    live_.add_argument("--top_k", type=int, default=None)
+    live_.add_argument("--no_wait", action="store_true", help="don't wait for a frame's real arrival time")
+    bench = p.add_argument_group("benchmark")
+    bench.add_argument("--bench", action="store_true", help="run the streaming benchmark")
+    bench.add_argument("--turns", type=int, default=300)
+    bench.add_argument("--image_tokens", type=int, default=64, help="N, a square: (image_size / patch_size)^2")
+    bench.add_argument("--gen_tokens", type=int, default=8, help="m tokens generated (and cached) per turn")
+    bench.add_argument("--variants", default=",".join(casa.VARIANTS))
+    bench.add_argument("--warmup", type=int, default=3, help="untimed turns on a throwaway cache first")
+    # a wide, shallow default: at batch 1 every step reads the weights and the whole KV cache, and
+    # CA's text cache after k turns, kT entries of 2*n_embd floats per layer, is kT/(8*n_embd) of the
+    # weights (~16*n_embd^2 per layer). n_embd=1024 keeps that at ~0.36 after 300 turns (CA's time to
+    # first token grew 13-26% in our CPU runs); with n_embd=384 it reaches ~1 and CA's TTFT grew up to ~35%.
+    bench.add_argument("--n_layer", type=int, default=2)
+    bench.add_argument("--n_head", type=int, default=16)
+    bench.add_argument("--n_embd", type=int, default=1024)
+    bench.add_argument("--patch_size", type=int, default=4)
+    bench.add_argument("--n_vis_layer", type=int, default=2)
+    bench.add_argument("--n_vis_head", type=int, default=4)
+    bench.add_argument("--n_vis_embd", type=int, default=128)
+    bench.add_argument("--max_memory", default=None,
+                       help="stop a variant before a turn whose projected memory, max(last turn's peak, weights + "
+                       "2 x the formula's KV after it: the store may double), passes this (e.g. 2GB, 512MiB)")
+    bench.add_argument("--json", default=None, help="write the per-turn records here")
+    bench.add_argument("--png", default=None, help="draw memory and TTFT against the turn here")
+    an = p.add_argument_group("analytic")
+    an.add_argument("--analytic", action="store_true", help="KV bytes of the paper's backbones, per variant")
+    an.add_argument("--text_tokens", type=int, default=16, help="T text tokens per turn (analytic)")
+    an.add_argument("--analytic_image_tokens", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024])
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.analytic:
+        analytic(args)
+    elif args.bench:
+        records = run_bench(args)
+        for v, x in ratios(records).items():
+            extra = ""
+            if v != "insertion" and "insertion_over_this" in x:
+                extra = f"; insertion / {v}, last 10%: {x['insertion_over_this']:.1f}x"
+            print(f"TTFT {v}: first 10% {x['first']:.1f} ms -> last 10% {x['last']:.1f} ms, ratio {x['ratio']:.2f} "
+                  f"(of medians {x['median_ratio']:.2f}){extra}")
+    elif args.ckpt:
+        return live(args)
+    else:
+        get_parser().error("give --ckpt (live captioning), --bench or --analytic")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""
+Tests for stream.py: the benchmark (records, cache formula, memory budget, CLI) and live captioning
+(a folder of frames, a dataset clip, real-time pacing), all with tiny random models on CPU.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import casa  # noqa: E402
+import stream  # noqa: E402
+
+FIELDS = {"variant", "turn", "ttft_ms", "decode_tok_s", "cached_entries", "kv_bytes", "peak_bytes"}
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--image_tokens", "16", "--gen_tokens", "3",
+        "--n_vis_layer", "1", "--n_vis_head", "2", "--n_vis_embd", "32", "--warmup", "1", "--device", "cpu",
+        "--threads", "1"]
+FRAME_LINE = re.compile(r"^\s*\d+\.\d+s \| +\d+\.\d+s \| [+-]\d+\.\d+s \|")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads competing with other processes for
+    the cores can make each op wait milliseconds: run single-threaded, restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def bench_args(*extra):
+    return stream.get_parser().parse_args(["--bench", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "b.json"
+    recs = stream.run_bench(bench_args("--turns", "6", "--json", str(out)), log=lambda *a: None)
+    assert json.loads(out.read_text()) == recs
+    return recs
+
+
+def test_bench_records_fields_and_formula(records):
+    args = bench_args()
+    T = 2 + args.gen_tokens  # <|image|>, <|answer|> and every generated token are cached
+    assert len(records) == 6 * len(casa.VARIANTS)
+    for v in casa.VARIANTS:
+        recs = [r for r in records if r["variant"] == v]
+        assert [r["turn"] for r in recs] == list(range(6))
+        config = stream.bench_config(args, v)
+        for r in recs:
+            assert set(r) == FIELDS
+            assert r["kv_bytes"] == casa.kv_cache_bytes(config, r["turn"] + 1, T)
+            assert r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and r["peak_bytes"] >= r["kv_bytes"]
+
+
+def test_bench_cached_entries_growth(records):
+    args = bench_args()
+    N, T = args.image_tokens, 2 + args.gen_tokens
+    for v in casa.VARIANTS:
+        entries = [r["cached_entries"] for r in records if r["variant"] == v]
+        growth = {b - a for a, b in zip(entries, entries[1:])}
+        config = stream.bench_config(args, v)
+        keeps_frames = config.insert_images or getattr(config, "ca_all_images", False)  # insertion, ca_all (D5)
+        assert growth == ({N + T} if keeps_frames else {T}), v  # the others cache only the new text
+        first = casa.kv_cache_entries(config, 1, T)
+        assert entries[0] == sum(first.values())
+
+
+def test_bench_turn_matches_generate():
+    """The benchmark's timed turn is model.generate(greedy, no stop token) split in two."""
+    args = bench_args()
+    for v in ("ca_tv", "insertion"):
+        torch.manual_seed(0)
+        model = casa.VLM(stream.bench_config(args, v)).eval()
+        prompt = torch.tensor([casa.encode_turn(casa.get_tokenizer(), casa.IMAGE)[0]])
+        c1, c2 = model.new_cache(1), model.new_cache(1)
+        with torch.inference_mode():
+            for _ in range(2):
+                frame = torch.rand(1, 3, model.config.image_size, model.config.image_size)
+                _, _, ids = stream.one_turn(model, prompt, frame, 3, c1)
+                out = model.generate(prompt, frame, max_new_tokens=3, temperature=0, cache=c2)
+                assert ids.tolist() == out[:, prompt.size(1):].tolist()
+                assert c1.entries() == c2.entries() and c1.nbytes() == c2.nbytes()
+
+
+def test_bench_memory_budget_stops_insertion():
+    # insertion caches N + T entries per turn, CA only T: a budget that fits CA's 10 turns stops insertion
+    args = ["--turns", "10", "--n_layer", "4"]
+    ca = stream.bench_config(bench_args(*args), "ca")
+    T = 2 + bench_args().gen_tokens
+    with torch.inference_mode():
+        ca_params = sum(p.numel() * p.element_size() for p in casa.VLM(ca).parameters())
+    budget = ca_params + 2 * casa.kv_cache_bytes(ca, 10, T) + 1024  # the projection counts KV twice
+    lines = []
+    recs = stream.run_bench(bench_args(*args, "--variants", "ca,insertion", "--max_memory", str(budget)),
+                            log=lines.append)
+    n_ins = sum(r["variant"] == "insertion" for r in recs)
+    assert sum(r["variant"] == "ca" for r in recs) == 10
+    assert 0 < n_ins < 10
+    assert all(r["peak_bytes"] <= budget for r in recs)
+    assert any(f"stopped at turn {n_ins} (budget" in line for line in lines)
+
+
+def test_parse_bytes():
+    assert stream.parse_bytes("2GB") == 2 * 10**9
+    assert stream.parse_bytes("512MiB") == 512 * 2**20
+    assert stream.parse_bytes("1e6") == 10**6
+
+
+def test_analytic_presets():
+    rows = {r["variant"]: r for r in stream.analytic_rows("Qwen2.5-VL-3B", image_tokens=1024, text_tokens=16)}
+    per_token = 36 * 2 * 2 * 128 * 2  # layers, K and V, 2 K/V heads (GQA), head_dim, bf16
+    assert rows["insertion"]["per_turn"] == (1024 + 16) * per_token
+    assert rows["ca"]["per_turn"] == 16 * per_token
+    k = rows["insertion"]["turn_over_budget"]
+    assert rows["insertion"]["kv_1"] + (k - 1) * rows["insertion"]["per_turn"] > 80e9
+    assert rows["insertion"]["kv_1"] + (k - 2) * rows["insertion"]["per_turn"] <= 80e9
+    assert rows["ca"]["turn_over_budget"] > 50 * k
+
+
+def test_cli_bench(tmp_path):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    res = subprocess.run([sys.executable, str(ROOT / "stream.py"), "--bench", *TINY, "--turns", "3",
+                          "--variants", "ca,insertion", "--json", str(out), "--png", str(png)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "| insertion | kT + kN |" in res.stdout and "all 6 turns match" in res.stdout
+    assert len(json.loads(out.read_text())) == 6
+    with Image.open(png) as img:
+        assert img.size[0] > 800 and img.size[1] > 300
+
+
+# -----------------------------------------------------------------------------
+# live captioning
+
+
+def tiny_checkpoint(path, **extra):
+    torch.manual_seed(0)
+    config = casa.Config(n_layer=1, n_head=2, n_embd=32, image_size=16, patch_size=4,
+                         n_vis_layer=1, n_vis_head=2, n_vis_embd=32)
+    casa.save_checkpoint(path, casa.VLM(config), **extra)
+
+
+def write_frames(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        names.append(f"f{i:02d}.png")
+        Image.new("RGB", (24, 24), (40 * i, 100, 255 - 40 * i)).save(folder / names[-1])
+    return names
+
+
+def test_live_captioning_frames(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    tiny_checkpoint(ckpt)
+    write_frames(tmp_path / "frames", 4)
+    delays = stream.main(["--ckpt", str(ckpt), "--frames", str(tmp_path / "frames"), "--no_wait",
+                          "--max_new_tokens", "5", "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if FRAME_LINE.match(line)]
+    assert len(lines) == 4 and len(delays) == 4
+
+
+def test_live_captioning_real_time(tmp_path):
+    """Without --no_wait a frame is never processed before it arrives: delay >= 0."""
+    ckpt = tmp_path / "ckpt.pt"
+    tiny_checkpoint(ckpt)
+    write_frames(tmp_path / "frames", 3)
+    delays = stream.main(["--ckpt", str(ckpt), "--frames", str(tmp_path / "frames"), "--fps", "20",
+                          "--max_new_tokens", "2", "--device", "cpu"])
+    assert len(delays) == 3 and min(delays) >= 0
+
+
+@pytest.mark.parametrize("saved", ["args", "train_args"])
+def test_live_captioning_clip(tmp_path, capsys, saved):
+    data = tmp_path / "video"
+    names = write_frames(data / "images", 3)
+    clip = {"images": [f"images/{n}" for n in names], "task": "video_caption", "fps": 2,
+            "turns": [{"prompt": casa.IMAGE, "answer": f"line {i}"} for i in range(3)]}
+    (data / "val.jsonl").write_text(json.dumps(clip) + "\n")
+    ckpt = tmp_path / "ckpt.pt"
+    # the dataset comes from the checkpoint: ckpt["args"]["dataset"], or as train.py saves it
+    extra = {"args": {"dataset": str(data)}} if saved == "args" else \
+        {"train_args": {"dataset": "video"}, "dataset_dir": str(data)}
+    tiny_checkpoint(ckpt, **extra)
+    stream.main(["--ckpt", str(ckpt), "--clip", "0", "--no_wait", "--max_new_tokens", "3", "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if FRAME_LINE.match(line)]
+    assert len(lines) == 3 and "[ref: line 2]" in lines[2]
