@@ -1,0 +1,316 @@
+"""
+data/loader.py: read a dataset folder, check it, tokenize it, serve batches.
+
+The folder format (the one users bring their own data in):
+
+    my_data/
+        train.jsonl     one sample per line
+        val.jsonl
+        images/...      any layout; paths in the jsonl are relative to the folder
+
+    {"images": ["images/a.png", ...], "turns": [{"prompt": "...", "answer": "..."}, ...], "task": "..."}
+    {"image": "images/a.png", "prompt": "...", "answer": "...", "task": "..."}      (shorthand)
+
+<|image|> markers in the prompts bind the images in order. A sample with one image and no marker
+gets the marker at the start of its first prompt. "task" is optional (accuracy is reported per task
+when a dataset has several); other keys are ignored. Every problem is reported as one error naming
+the file and the line.
+
+A sample's tokens are its turns one after the other, each `prompt <|answer|> answer <|endoftext|>`
+(casa.encode_turn); the loss is on the answer tokens and their <|endoftext|> only. A sample longer
+than the model's block_size is an error (not truncated: a cut answer would teach the model to stop
+mid-word); train.py's default block_size=0 fits the longest sample.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for casa.py
+import casa  # noqa: E402
+
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class DataError(ValueError):
+    """A problem with a dataset file; the message starts with file:line."""
+
+
+@dataclass
+class Sample:
+    where: str  # "path/train.jsonl:12", for error messages
+    images: list  # absolute image paths, in marker order
+    turns: list  # [(prompt, answer)], markers in the prompts
+    task: str = ""
+    ids: list = field(default_factory=list)  # all turns' tokens
+    answer_mask: list = field(default_factory=list)  # True where ids[i] is an answer token (loss)
+    turns_at: list = field(default_factory=list)  # per turn (start, end of prompt incl. <|answer|>, end)
+
+
+# -----------------------------------------------------------------------------
+# Finding a dataset
+
+
+def resolve_dataset(name, data_dir=DATA_DIR, prepare=True):
+    """A dataset name or path -> the folder holding train.jsonl and val.jsonl.
+    A path (existing folder, or containing a slash) is used as it is. A name is a folder under data/;
+    when its train.jsonl is missing and it has a prepare.py, that script is run to make it."""
+    import subprocess
+
+    is_path = os.path.isdir(name) or os.sep in name or "/" in name
+    folder = os.path.abspath(name) if is_path else os.path.join(data_dir, name)
+    if os.path.exists(os.path.join(folder, "train.jsonl")):
+        return folder
+    script = os.path.join(folder, "prepare.py")
+    if not is_path and prepare and os.path.exists(script):
+        print(f"dataset {name!r}: {folder}/train.jsonl not found, running {script}", flush=True)
+        subprocess.run([sys.executable, script], check=True)
+        if os.path.exists(os.path.join(folder, "train.jsonl")):
+            return folder
+    known = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith(("_", ".")))
+    raise FileNotFoundError(f"dataset {name!r}: no train.jsonl in {folder}. Give a folder holding train.jsonl "
+                            f"and val.jsonl, or one of the built-in names: {', '.join(known)}")
+
+
+# -----------------------------------------------------------------------------
+# Reading and checking one split
+
+
+def bind_images(prompts, n_images, where=""):
+    """Check the <|image|> markers against the images; a single image with no marker goes at the
+    start of the first prompt. Returns the prompts (a new list)."""
+    prompts = list(prompts)
+    n_markers = sum(p.count(casa.IMAGE) for p in prompts)
+    if n_markers == 0 and n_images == 1:
+        prompts[0] = casa.IMAGE + prompts[0]
+    elif n_markers != n_images:
+        hint = " (with several images, put one <|image|> marker per image in the prompts)" if n_markers == 0 else ""
+        raise DataError(f"{where}{n_markers} <|image|> marker(s) in the prompts but {n_images} image(s){hint}")
+    return prompts
+
+
+def parse_line(line, folder, where):
+    """One jsonl line -> Sample (not tokenized). Raises DataError naming `where`."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+
+    def need_str(d, key, ctx=""):
+        if key not in d:
+            raise DataError(f"{where}: missing field {key!r}{ctx}")
+        if not isinstance(d[key], str):
+            raise DataError(f"{where}: field {key!r}{ctx} must be a string, got {type(d[key]).__name__}")
+        return d[key]
+
+    # turns
+    if "turns" in rec:
+        if "prompt" in rec or "answer" in rec:
+            raise DataError(f"{where}: give either 'turns' or 'prompt'/'answer', not both")
+        turns = rec["turns"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: 'turns' must be a non-empty list of {{\"prompt\": ..., \"answer\": ...}}")
+        pairs = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict):
+                raise DataError(f"{where}: turn {i} must be an object with 'prompt' and 'answer'")
+            pairs.append((need_str(t, "prompt", f" in turn {i}"), need_str(t, "answer", f" in turn {i}")))
+    elif "prompt" in rec or "answer" in rec:
+        pairs = [(need_str(rec, "prompt"), need_str(rec, "answer"))]
+    else:
+        raise DataError(f"{where}: missing fields: need 'prompt' and 'answer' (or 'turns')")
+
+    # images
+    if "image" in rec and "images" in rec:
+        raise DataError(f"{where}: give either 'image' or 'images', not both")
+    images = rec.get("images", [rec["image"]] if "image" in rec else [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DataError(f"{where}: 'images' must be a list of paths (strings); 'image' a single path")
+    paths = []
+    for p in images:
+        full = os.path.join(folder, p)
+        if not os.path.isfile(full):
+            raise DataError(f"{where}: image file not found: {p} (looked for {full})")
+        paths.append(full)
+
+    task = rec.get("task", "")
+    if not isinstance(task, str):
+        raise DataError(f"{where}: 'task' must be a string")
+    prompts = bind_images([p for p, _ in pairs], len(paths), where=f"{where}: ")
+    return Sample(where=where, images=paths, turns=list(zip(prompts, [a for _, a in pairs])), task=task)
+
+
+def read_split(folder, split):
+    """All samples of folder/<split>.jsonl, checked. Blank lines are skipped."""
+    path = os.path.join(folder, f"{split}.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found (a dataset folder needs train.jsonl and val.jsonl)")
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                samples.append(parse_line(line, folder, f"{path}:{lineno}"))
+    if not samples:
+        raise DataError(f"{path}: no samples")
+    return samples
+
+
+def tokenize(sample, tokenizer):
+    """Fill sample.ids / answer_mask / turns_at from its turns."""
+    ids, mask, starts = [], [], []
+    for prompt, answer in sample.turns:
+        try:
+            t, n_prompt = casa.encode_turn(tokenizer, prompt, answer)
+        except ValueError as e:  # e.g. a literal <|answer|> or <|endoftext|> in a prompt
+            raise DataError(f"{sample.where}: cannot tokenize the prompt {prompt!r}: {e}") from None
+        starts.append((len(ids), len(ids) + n_prompt, len(ids) + len(t)))
+        ids += t
+        mask += [False] * n_prompt + [True] * (len(t) - n_prompt)
+    sample.ids, sample.answer_mask, sample.turns_at = ids, mask, starts
+    return sample
+
+
+# -----------------------------------------------------------------------------
+# The dataset: tokens and decoded images in memory, training batches, evaluation prompts
+
+
+class Dataset:
+    """One split in memory. Images are decoded once (at image_size, as uint8) and kept.
+    blind=True: every image is replaced by a blank (zeros) one, the blind baseline."""
+
+    def __init__(self, folder, split, image_size, blind=False, tokenizer=None):
+        self.folder, self.split, self.image_size, self.blind = folder, split, image_size, blind
+        self.tokenizer = tokenizer or casa.get_tokenizer()
+        self.eot = self.tokenizer.encode(casa.ENDOFTEXT, allowed_special="all")[0]
+        self.image_id = self.tokenizer.encode(casa.IMAGE, allowed_special="all")[0]
+        self.samples = [tokenize(s, self.tokenizer) for s in read_split(folder, split)]
+        self.tasks = sorted({s.task for s in self.samples})
+        self._images = {}  # path -> uint8 (3, S, S)
+        if not blind:  # decode everything now: errors early, batches fast
+            for s in self.samples:
+                self.sample_images(s)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def max_len(self):
+        """Longest training input (ids minus the last token) of this split."""
+        return max(len(s.ids) - 1 for s in self.samples)
+
+    def max_answer_len(self):
+        """Longest answer in tokens, its <|endoftext|> included."""
+        return max(end - p for s in self.samples for (_, p, end) in s.turns_at)
+
+    def check_block_size(self, block_size):
+        for s in self.samples:
+            if len(s.ids) - 1 > block_size:
+                raise DataError(f"{s.where}: sample is {len(s.ids) - 1} tokens, longer than block_size="
+                                f"{block_size}; train with --block_size={len(s.ids) - 1} or more (or 0: fit the data)")
+
+    def sample_images(self, s):
+        """(k, 3, S, S) float images of a sample in [0, 1] (zeros when blind)."""
+        S = self.image_size
+        if self.blind:
+            return torch.zeros(len(s.images), 3, S, S)
+        out = []
+        for path in s.images:
+            if path not in self._images:
+                try:
+                    img = casa.load_image(path, S)
+                except (OSError, ValueError) as e:
+                    raise DataError(f"{s.where}: {e}") from None
+                self._images[path] = (img * 255).round().to(torch.uint8)
+            out.append(self._images[path])
+        if not out:
+            return torch.zeros(0, 3, S, S)
+        return torch.stack(out).float() / 255.0
+
+    # --- training ---
+
+    def batch(self, indices):
+        """Samples -> idx (B, T), targets (B, T), images (M, 3, S, S) or None.
+        idx is each sample's tokens but the last, right-padded with <|endoftext|>; targets the next
+        token where it is an answer token, else -1 (prompts and padding carry no loss)."""
+        rows = [self.samples[i] for i in indices]
+        T = max(len(s.ids) - 1 for s in rows)
+        idx = torch.full((len(rows), T), self.eot, dtype=torch.long)
+        targets = torch.full((len(rows), T), -1, dtype=torch.long)
+        for r, s in enumerate(rows):
+            ids = torch.tensor(s.ids)
+            n = len(s.ids) - 1
+            idx[r, :n] = ids[:-1]
+            targets[r, :n] = torch.where(torch.tensor(s.answer_mask[1:]), ids[1:], -1)
+        images = [self.sample_images(s) for s in rows]
+        images = torch.cat(images) if sum(len(s.images) for s in rows) else None
+        return idx, targets, images
+
+    def get_batch(self, batch_size, generator):
+        """A random batch (with replacement), drawn from `generator` (reproducible, resumable)."""
+        return self.batch(torch.randint(len(self.samples), (batch_size,), generator=generator).tolist())
+
+    def iter_batches(self, batch_size, limit=None):
+        """The split in order, in batches (for validation loss)."""
+        n = len(self.samples) if limit is None else min(limit, len(self.samples))
+        for i in range(0, n, batch_size):
+            yield self.batch(range(i, min(i + batch_size, n)))
+
+    # --- evaluation ---
+
+    def eval_items(self, limit=None):
+        """One item per turn, in order: dict(ids=prompt ids up to and including <|answer|> (the
+        earlier turns with their true answers before it), images=(k, 3, S, S) of the markers in
+        those ids, truth=answer string, task, sample=index, turn=index, prompt=the turn's prompt).
+        limit: at most this many items."""
+        items = []
+        for si, s in enumerate(self.samples):
+            imgs = self.sample_images(s)
+            for ti, ((prompt, answer), (_, end, _)) in enumerate(zip(s.turns, s.turns_at)):
+                ids = s.ids[:end]
+                k = ids.count(self.image_id)
+                items.append(dict(ids=ids, images=imgs[:k], truth=answer, task=s.task, sample=si, turn=ti,
+                                  prompt=prompt))
+                if limit is not None and len(items) >= limit:
+                    return items
+        return items
+
+
+def eval_batches(items, batch_size):
+    """Group eval items of equal prompt length into batches (no padding, so batched greedy decoding
+    gives exactly what one-by-one decoding would). Yields (idx (B, T), images or None, items)."""
+    by_len = {}
+    for it in items:
+        by_len.setdefault(len(it["ids"]), []).append(it)
+    for T in sorted(by_len):
+        group = by_len[T]
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            idx = torch.tensor([it["ids"] for it in chunk], dtype=torch.long)
+            imgs = [it["images"] for it in chunk if len(it["images"])]
+            yield idx, (torch.cat(imgs) if imgs else None), chunk
+
+
+@torch.no_grad()
+def answer(model, idx, images, tokenizer, max_new_tokens, temperature=0.0, top_k=None):
+    """Generate answers for a batch of prompts (each ending with <|answer|>); returns strings, cut
+    at <|endoftext|>."""
+    eot = tokenizer.encode(casa.ENDOFTEXT, allowed_special="all")[0]
+    out = model.generate(idx, images, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         stop_token=eot)
+    texts = []
+    for row in out[:, idx.size(1) :].tolist():
+        if eot in row:
+            row = row[: row.index(eot)]
+        texts.append(tokenizer.decode(row))
+    return texts
+
+
+def text_tokens(targets):
+    """Text tokens in a training batch, padding left out: each row ends with its last target."""
+    has = targets != -1
+    last = torch.where(has.any(1), targets.size(1) - has.flip(1).int().argmax(1), 0)
+    return int(last.sum())

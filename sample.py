@@ -1,0 +1,166 @@
+"""
+Ask a trained model about images.
+
+    python sample.py                                   # 8 validation samples of the checkpoint's dataset
+    python sample.py --image=photo.jpg --prompt="what color is the shape?"
+    python sample.py --image=a.png,b.png --prompt="<|image|> then <|image|>: what changed?"
+    python sample.py --grid=samples.png                # also a picture: images, truth, prediction
+    python sample.py --temperature=0.8 --top_k=5 --num_samples=4 --image=photo.jpg
+
+Settings are --name=value, as in train.py. temperature=0 (the default) is greedy decoding, which is
+what train.py's accuracy measures; with --image, a temperature above 0 draws num_samples answers.
+"""
+
+import ast
+import os
+import random
+import sys
+import textwrap
+
+import torch
+
+import casa
+from data.loader import Dataset, answer, bind_images, eval_batches, resolve_dataset
+
+# -----------------------------------------------------------------------------
+ckpt = "out/ckpt.pt"
+image = ""  # an image file (any size or mode), or a comma list of them; empty: validation samples
+prompt = "describe the image."  # with --image; a single image with no <|image|> marker goes first
+num_samples = 8  # validation samples shown, or answers drawn for --image (temperature > 0)
+temperature = 0.0  # 0: greedy
+top_k = 0  # 0: off
+seed = 1337
+max_new_tokens = 32
+grid = ""  # write a picture of the samples here (e.g. samples.png)
+dataset = ""  # validation samples from this dataset instead of the checkpoint's
+split = "val"
+device = "auto"
+# -----------------------------------------------------------------------------
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
+            and isinstance(v, (bool, int, float, str))}
+for arg in sys.argv[1:]:  # --name=value, typed like the default (as in train.py)
+    key, eq, text = arg.partition("=")
+    key = key[2:] if key.startswith("--") else None
+    if not eq or key not in SETTINGS:
+        sys.exit(f"error: unknown argument {arg!r}; settings (--name=value): {', '.join(SETTINGS)}")
+    value = text
+    if not isinstance(SETTINGS[key], str):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            pass
+        if isinstance(SETTINGS[key], float) and type(value) is int:
+            value = float(value)
+        if type(value) is not type(SETTINGS[key]):
+            sys.exit(f"error: --{key} takes a {type(SETTINGS[key]).__name__}, got {text!r}")
+    globals()[key] = value
+
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+torch.manual_seed(seed)
+model, ck = casa.load_checkpoint(ckpt, device=device)
+model.eval()
+config = model.config
+train_args = ck.get("train_args", {})
+blind = bool(train_args.get("blind", False))
+tokenizer = casa.get_tokenizer()
+S = config.image_size
+print(f"{ckpt}: {config.variant}, step {ck.get('step', '?')}{', BLIND (images blanked)' if blind else ''}")
+
+# -----------------------------------------------------------------------------
+# what to ask: rows of (images (k, 3, S, S), prompt ids, prompt text, truth or None)
+rows = []
+if image:
+    paths = [p for p in image.split(",") if p]
+    try:
+        imgs = torch.stack([casa.load_image(p, S) for p in paths])
+        prompts = bind_images([prompt], len(paths), where="--prompt/--image: ")
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if blind:
+        imgs = torch.zeros_like(imgs)
+    ids, _ = casa.encode_turn(tokenizer, prompts[0])
+    n = num_samples if temperature > 0 else 1
+    rows = [dict(images=imgs, ids=ids, prompt=prompts[0], truth=None) for _ in range(n)]
+else:
+    if dataset:
+        folder = resolve_dataset(dataset)
+    else:
+        folder = ck.get("dataset_dir") or ""
+        if not os.path.exists(os.path.join(folder, f"{split}.jsonl")):  # moved: try the name under data/
+            folder = resolve_dataset(train_args.get("dataset", "shapes"))
+    data = Dataset(folder, split, S, blind=blind)
+    items = data.eval_items()
+    rows = random.Random(seed).sample(items, min(num_samples, len(items)))
+    print(f"{len(rows)} of {len(items)} {split} answers of {folder}")
+
+# -----------------------------------------------------------------------------
+# answer them, batched by prompt length
+preds = {}
+for idx, imgs, chunk in eval_batches(rows, batch_size=64):
+    if idx.size(1) > config.block_size:
+        sys.exit(f"error: the prompt is {idx.size(1)} tokens, longer than the model's block_size={config.block_size}")
+    out = answer(model, idx.to(device), None if imgs is None else imgs.to(device), tokenizer, max_new_tokens,
+                 temperature=temperature, top_k=top_k or None)
+    for it, text in zip(chunk, out):
+        preds[id(it)] = text
+right = 0
+for i, it in enumerate(rows):
+    pred = preds[id(it)]
+    shown = it["prompt"].replace(casa.IMAGE, "<img>")
+    if it["truth"] is None:
+        print(f"[{i}] {shown!r} -> {pred!r}")
+    else:
+        ok = pred.strip() == it["truth"].strip()
+        right += ok
+        print(f"[{'ok ' if ok else 'BAD'}] {shown!r} truth={it['truth']!r} pred={pred!r}")
+if not image:
+    print(f"exact match: {right}/{len(rows)}")
+
+
+# -----------------------------------------------------------------------------
+# the picture: each sample's images (as the model sees them, upscaled), its text below
+def draw_grid(rows, path, cell=160, cols=4):
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the bitmap font
+        font = ImageFont.load_default()
+    wrap = max(12, cell // 7)
+    blocks = []
+    for it in rows:
+        pics = [Image.frombytes("RGB", (S, S), (img.permute(1, 2, 0) * 255).round().byte().contiguous().numpy().tobytes())
+                for img in it["images"]]
+        lines = [(line, (0, 0, 0)) for line in textwrap.wrap("Q: " + it["prompt"].replace(casa.IMAGE, "<img>"), wrap)]
+        pred = preds[id(it)]
+        if it["truth"] is not None:
+            ok = pred.strip() == it["truth"].strip()
+            lines += [(line, (0, 0, 0)) for line in textwrap.wrap("truth: " + it["truth"], wrap)]
+            lines += [(line, (0, 140, 0) if ok else (200, 0, 0)) for line in textwrap.wrap("pred: " + pred, wrap)]
+        else:
+            lines += [(line, (0, 0, 160)) for line in textwrap.wrap("answer: " + pred, wrap)]
+        blocks.append((pics, lines))
+    line_h = 16
+    text_h = line_h * max(len(lines) for _, lines in blocks) + 8
+    cols = min(cols, len(blocks))
+    width = cell + 10
+    canvas = Image.new("RGB", (cols * width + 10, ((len(blocks) + cols - 1) // cols) * (cell + text_h + 10) + 10),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (pics, lines) in enumerate(blocks):
+        x0, y0 = 10 + (i % cols) * width, 10 + (i // cols) * (cell + text_h + 10)
+        if pics:  # several images side by side in the cell
+            side = cell // len(pics)
+            for j, pic in enumerate(pics):
+                canvas.paste(pic.resize((side, side), Image.NEAREST), (x0 + j * side, y0 + (cell - side) // 2))
+        else:
+            draw.text((x0 + 4, y0 + cell // 2), "(no image)", fill=(120, 120, 120), font=font)
+        for k, (text, color) in enumerate(lines):
+            draw.text((x0, y0 + cell + 4 + k * line_h), text, fill=color, font=font)
+    canvas.save(path)
+    print(f"wrote {path} ({len(blocks)} samples)")
+
+
+if grid:
+    draw_grid(rows, grid)

@@ -1,0 +1,530 @@
+"""
+Train a CASA vision-language model. One flat loop, in nanoGPT's manner.
+
+    python train.py                                   # ca on the shapes task, ~5 min on 2 CPU cores
+    python train.py --variant=insertion --n_layer=6   # any setting below as --name=value
+    python train.py --blind=True                      # blank images: the blind baseline
+    python train.py --resume=True                     # continue out_dir/ckpt.pt exactly where it stopped
+    torchrun --nproc_per_node=2 train.py              # DDP: gloo on CPU, nccl on CUDA
+    # adaptation (the paper's Qwen path): CA layers on a trained insertion model, initialised
+    # from its self-attention, old weights frozen except the last vision block
+    python train.py --variant=insertion --out_dir=out-ins
+    python train.py --init_from=out-ins/ckpt.pt --variant=ca --freeze=vision_but_last,text --out_dir=out-adapt
+
+Metrics go to out_dir/log.jsonl (one JSON object a line); checkpoints to out_dir/ckpt.pt.
+"""
+
+import ast
+import difflib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import casa
+from data.loader import Dataset, answer, eval_batches, resolve_dataset, text_tokens
+
+# -----------------------------------------------------------------------------
+# settings; every one can be overridden on the command line as --name=value
+# I/O
+out_dir = "out"
+dataset = "shapes"  # a folder name under data/ (prepared automatically if needed) or a path
+resume = False  # continue from out_dir/ckpt.pt (settings come from the checkpoint, then the command line)
+init_from = ""  # adaptation: a checkpoint whose vision encoder and text transformer weights to start from
+freeze = ""  # comma list of: vision, vision_but_last (or vision_but_lastN), text, pretrained
+blind = False  # replace every image by a blank one: the blind baseline
+seed = 1337
+# model (casa.Config)
+variant = "ca"  # one of casa.VARIANTS
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 0  # longest text one forward takes; 0: fit the dataset's longest sample
+image_size = 32
+patch_size = 8  # 32/8 -> 16 image tokens per image (casa's default 4 -> 64 tokens: slower, no better on shapes)
+n_vis_layer = 2
+n_vis_head = 4
+n_vis_embd = 128
+dropout = 0.0
+# optimisation
+batch_size = 32  # per process, per micro-step
+grad_accum = 1  # micro-steps per optimizer step
+max_iters = 1500
+learning_rate = 3e-3  # training from scratch
+lr_new = 1e-3  # adaptation (init_from): parameters that are new (CA layers)...
+lr_pretrained = 1e-4  # ...and those copied from the checkpoint (the paper: 1e-4 and 1e-5 at 2-3B scale)
+warmup_iters = 100
+lr_decay_iters = 0  # cosine decay to min_lr_frac * lr until here; 0: max_iters
+min_lr_frac = 0.1
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # 0: off
+# evaluation and logging
+eval_interval = 500  # also writes a checkpoint
+eval_items = 400  # answers generated per periodic eval (0: all); the final eval uses all
+eval_batch_size = 128
+log_interval = 10
+num_show = 6  # validation samples printed at the end
+# system
+device = "auto"  # auto: cuda, then mps, then cpu
+compile = None  # torch.compile; None: on for CUDA only
+# -----------------------------------------------------------------------------
+SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and k.islower()
+            and isinstance(v, (bool, int, float, str, type(None)))]
+MODEL_KEYS = ["variant", "n_layer", "n_head", "n_embd", "block_size", "image_size", "patch_size",
+              "n_vis_layer", "n_vis_head", "n_vis_embd", "dropout"]
+
+
+def parse_overrides(argv, settings):
+    """--name=value arguments -> {name: value}, each checked against the type of its default.
+    Strings are taken as they are; numbers and booleans are Python literals (True/False/1e-3)."""
+    out = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            sys.exit(f"error: arguments are --name=value, got {arg!r}")
+        key, text = arg[2:].split("=", 1)
+        if key not in settings:
+            close = difflib.get_close_matches(key, settings, n=1)
+            sys.exit(f"error: unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
+                     + f"\nsettings: {', '.join(settings)}")
+        default = settings[key]
+        if isinstance(default, str):
+            value = text
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = {"true": True, "false": False}.get(text.lower(), text)
+            if isinstance(default, float) and type(value) is int:
+                value = float(value)
+            want = bool if default is None else type(default)
+            if type(value) is not want:
+                sys.exit(f"error: --{key} takes a {want.__name__} (default {default!r}), got {text!r}")
+        out[key] = value
+    return out
+
+
+cli = parse_overrides(sys.argv[1:], {k: globals()[k] for k in SETTINGS})
+globals().update(cli)
+
+# -----------------------------------------------------------------------------
+# processes and devices
+ddp = int(os.environ.get("RANK", -1)) != -1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+log = print if master else (lambda *a, **k: None)
+
+
+def fail(msg):
+    """A clear error and exit (every process hits the same check)."""
+    if master:
+        print(f"error: {msg}", file=sys.stderr)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint to resume from: its settings first, then the command line on top
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt = None
+if resume:
+    if not os.path.exists(ckpt_path):
+        fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not {"model", "config", "optimizer", "train_args"} <= set(ckpt):
+        fail(f"{ckpt_path} is not a train.py checkpoint (no optimizer state or settings); "
+             "to start from its weights use --init_from instead of --resume")
+    asked = {k: cli[k] for k in MODEL_KEYS if k in cli and not (k == "block_size" and cli[k] == 0)}
+    clash = [f"{k}={ckpt['config'].get(k)!r} (this run asks for {v!r})" for k, v in asked.items()
+             if ckpt["config"].get(k) != v]
+    if clash:
+        fail(f"cannot resume {ckpt_path}: it was trained with {', '.join(clash)}. A checkpoint resumes only "
+             "with the model it was made with: drop those settings, or start a fresh run in another --out_dir")
+    globals().update({k: v for k, v in ckpt["train_args"].items() if k in SETTINGS and k not in ("resume", "out_dir", "device", "compile")})
+    globals().update(cli)
+elif init_from and not os.path.exists(init_from):
+    fail(f"--init_from: checkpoint not found: {init_from}")
+if compile is None:
+    compile = device_type == "cuda"
+args = {k: globals()[k] for k in SETTINGS}  # the settings of this run, saved in checkpoints
+
+random.seed(seed + rank)
+np.random.seed(seed + rank)
+torch.manual_seed(seed)  # the same initial weights in every process
+data_rng = torch.Generator().manual_seed(seed + rank)  # each process draws its own batches
+dtype = torch.bfloat16 if device_type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+autocast = torch.autocast(device_type, dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+# -----------------------------------------------------------------------------
+# data
+if master:  # one process prepares a missing built-in dataset, the others wait
+    data_dir = resolve_dataset(dataset)
+if ddp:
+    dist.barrier()
+data_dir = resolve_dataset(dataset, prepare=False)
+t0 = time.time()
+train_data = Dataset(data_dir, "train", image_size, blind=blind)
+val_data = Dataset(data_dir, "val", image_size, blind=blind)
+tokenizer = train_data.tokenizer
+log(f"dataset {data_dir}: {len(train_data)} train / {len(val_data)} val samples, tasks: "
+    f"{', '.join(t or '-' for t in val_data.tasks)}{' (BLIND: images blanked)' if blind else ''} "
+    f"[{time.time() - t0:.1f}s]")
+
+# -----------------------------------------------------------------------------
+# model: fresh, resumed, or adapted from another checkpoint (init_from)
+pretrained = set()  # names of parameters copied from init_from (they get lr_pretrained)
+if ckpt is not None:
+    try:
+        config = casa.Config(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        fail(f"cannot resume {ckpt_path}: its model config does not fit this casa.py ({e})")
+    pretrained = set(ckpt.get("pretrained", []))
+elif init_from:
+    src = torch.load(init_from, map_location="cpu", weights_only=True)
+    if not isinstance(src, dict) or "model" not in src or "config" not in src:
+        fail(f"--init_from: {init_from} is not a casa checkpoint")
+    src_config = dict(src["config"])
+    clash = [f"{k}={src_config.get(k)!r} (asked {cli[k]!r})" for k in MODEL_KEYS
+             if k in cli and k not in ("variant", "block_size", "dropout") and src_config.get(k) != cli[k]]
+    if clash:
+        fail(f"--init_from: {init_from} has {', '.join(clash)}; the model sizes come from the checkpoint")
+    src_config.update(variant=variant, dropout=dropout, block_size=max(block_size, src_config["block_size"]))
+    config = casa.Config(**src_config)
+    image_size = config.image_size
+else:
+    config = casa.Config(**{k: globals()[k] for k in MODEL_KEYS if k != "block_size"}, block_size=block_size or 256)
+if block_size == 0 and ckpt is None:  # fit the data, at least casa's default
+    need = max(train_data.max_len(), val_data.max_len())
+    config.block_size = max(config.block_size, 64 * math.ceil(need / 64))
+if train_data.image_size != config.image_size:  # images must be decoded at the model's size
+    train_data = Dataset(data_dir, "train", config.image_size, blind=blind)
+    val_data = Dataset(data_dir, "val", config.image_size, blind=blind)
+try:
+    train_data.check_block_size(config.block_size)
+    val_data.check_block_size(config.block_size)
+except ValueError as e:
+    fail(e)
+
+model = casa.VLM(config)
+if ckpt is not None:
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        fail(f"cannot resume {ckpt_path}: its weights do not fit the model ({str(e).splitlines()[0]} ...)")
+elif init_from:
+    # copy every tensor whose name and shape exist in both models: the vision encoder and the text
+    # transformer. CA layers are new: initialised from the same block's self-attention (the paper).
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, t in src["model"].items():
+            if name in own and own[name].shape == t.shape:
+                own[name].copy_(t)
+                pretrained.add(name)
+        for i, block in enumerate(model.blocks):
+            if not block.has_ca or block.shared or f"blocks.{i}.ca.q.weight" in pretrained:
+                continue
+            if block.has_sa:
+                block.init_ca_from_sa()
+            else:  # ca_replace: this layer's SA is gone; its CA starts from the old SA weights
+                for key in block.ca.state_dict():
+                    if f"blocks.{i}.sa.{key}" in src["model"]:
+                        block.ca.state_dict()[key].copy_(src["model"][f"blocks.{i}.sa.{key}"])
+    pretrained = {n for n, _ in model.named_parameters() if n in pretrained}
+    new = [n for n, _ in model.named_parameters() if n not in pretrained]
+    log(f"init_from {init_from} ({src['config']['variant']} -> {config.variant}): {len(pretrained)} tensors copied, "
+        f"{len(new)} new ({', '.join(sorted({n.split('.', 2)[-1] for n in new})) or 'none'})")
+    del src
+
+
+def frozen_names(spec, model):
+    """--freeze groups -> the parameter names to freeze."""
+    names = [n for n, _ in model.named_parameters()]
+    n_vis = model.config.n_vis_layer
+    out = set()
+    for group in filter(None, (g.strip() for g in spec.split(","))):
+        if group == "vision":
+            out |= {n for n in names if n.startswith("vision.")}
+        elif group.startswith("vision_but_last"):
+            keep = group[len("vision_but_last"):] or "1"
+            if not keep.isdigit():
+                fail(f"--freeze: {group!r}: write vision_but_last or vision_but_lastN (N blocks left trainable)")
+            trainable = {f"vision.blocks.{i}." for i in range(max(0, n_vis - int(keep)), n_vis)}
+            trainable |= {"vision.ln_f.", "vision.proj.", "vision.ln_out."}  # the head after the last block
+            out |= {n for n in names if n.startswith("vision.") and not n.startswith(tuple(trainable))}
+        elif group == "text":
+            out |= {n for n in names if not n.startswith("vision.") and ".ca." not in n and ".ln_ca." not in n}
+        elif group == "pretrained":
+            out |= pretrained
+        else:
+            fail(f"--freeze: unknown group {group!r}; use vision, vision_but_last[N], text, pretrained")
+    return out
+
+
+frozen = frozen_names(freeze, model)
+for name, p in model.named_parameters():
+    p.requires_grad_(name not in frozen)
+trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+if not trainable:
+    fail(f"--freeze={freeze} leaves nothing to train")
+model.to(device)
+
+# optimizer: AdamW; weight decay on matrices only; new and pretrained parameters at their own lr
+groups = {}
+for name, p in trainable:
+    is_old = name in pretrained
+    key = (is_old, p.dim() >= 2)
+    base = (lr_pretrained if is_old else lr_new) if init_from else learning_rate
+    groups.setdefault(key, dict(params=[], weight_decay=weight_decay if p.dim() >= 2 else 0.0, base_lr=base))
+    groups[key]["params"].append(p)
+groups = [groups[k] for k in sorted(groups)]
+optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
+                              fused=True if device_type == "cuda" else None)
+step = 0
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for g, g0 in zip(optimizer.param_groups, groups):  # the lrs of this run's settings
+        g["base_lr"] = g0["base_lr"]
+    step = ckpt["step"]
+    states = ckpt["rng"]
+    if len(states) != world_size:
+        log(f"warning: checkpoint made with {len(states)} processes, now {world_size}: batches will differ")
+    st = states[rank % len(states)]
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    np.random.set_state(("MT19937", np.array(st["numpy"][0], dtype=np.uint32), *st["numpy"][1:]))
+    torch.set_rng_state(st["torch"])
+    if device_type == "cuda" and st.get("cuda") is not None:
+        torch.cuda.set_rng_state(st["cuda"])
+    data_rng.set_state(st["data"])
+    log(f"resumed {ckpt_path} at step {step}")
+ckpt = None  # free memory
+
+n_params = casa.param_counts(model)
+log(f"model {config.variant}: {n_params['total'] / 1e6:.2f}M parameters (vision {n_params['vision'] / 1e6:.2f}M, "
+    f"fusion {n_params['fusion'] / 1e6:.2f}M, text {n_params['text'] / 1e6:.2f}M), "
+    f"{sum(p.numel() for _, p in trainable) / 1e6:.2f}M trainable; {config.n_image_tokens} image tokens per image; "
+    f"block_size {config.block_size}")
+
+raw_model = model
+if compile:
+    log("compiling the model (torch.compile)...")
+    model = torch.compile(model)
+if ddp:
+    unused = any(not s.images for s in train_data.samples)  # CA layers idle in an image-free batch
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, find_unused_parameters=unused)
+
+
+# -----------------------------------------------------------------------------
+# helpers: lr schedule, speed, evaluation, checkpoints
+
+
+def get_lr(it):
+    """Linear warm-up, then cosine decay to min_lr_frac; a fraction of each group's base lr."""
+    if it < warmup_iters:
+        return (it + 1) / (warmup_iters + 1)
+    decay_end = lr_decay_iters or max_iters
+    if it >= decay_end:
+        return min_lr_frac
+    ratio = (it - warmup_iters) / max(1, decay_end - warmup_iters)
+    return min_lr_frac + 0.5 * (1 + math.cos(math.pi * ratio)) * (1 - min_lr_frac)
+
+
+def sync():
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_peak_flops():
+    """FLOP/s of a large matmul on this machine, in the training dtype: the MFU denominator."""
+    n = 4096 if device_type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync()
+    reps, t = 0, time.time()
+    while reps < 3 or time.time() - t < 0.3:
+        a @ b
+        reps += 1
+    sync()
+    return 2 * n**3 * reps / (time.time() - t)
+
+
+@torch.no_grad()
+def evaluate(limit=None, keep=0):
+    """Validation loss (answer tokens) and greedy exact-match accuracy on up to `limit` answers.
+    Returns (metrics dict, the first `keep` (item, prediction) pairs per task)."""
+    raw_model.eval()
+    loss_sum = n_tok = 0.0
+    for idx, targets, images in val_data.iter_batches(eval_batch_size, limit=limit):
+        idx, targets = idx.to(device), targets.to(device)
+        with autocast:
+            _, loss = raw_model(idx, None if images is None else images.to(device), targets)
+        n = int((targets != -1).sum())
+        loss_sum, n_tok = loss_sum + loss.item() * n, n_tok + n
+    items = val_data.eval_items(limit)
+    max_new = val_data.max_answer_len() + 4
+    right, total, shown = {}, {}, {}
+    for idx, images, chunk in eval_batches(items, eval_batch_size):
+        with autocast:
+            preds = answer(raw_model, idx.to(device), None if images is None else images.to(device), tokenizer, max_new)
+        for it, pred in zip(chunk, preds):
+            t = it["task"]
+            total[t] = total.get(t, 0) + 1
+            right[t] = right.get(t, 0) + (pred.strip() == it["truth"].strip())
+            if len(shown.setdefault(t, [])) < keep:
+                shown[t].append((it, pred))
+    raw_model.train()
+    metrics = {"val_loss": loss_sum / max(n_tok, 1), "accuracy": sum(right.values()) / max(sum(total.values()), 1),
+               "n_answers": sum(total.values())}
+    if len(total) > 1:
+        metrics["accuracy_by_task"] = {t: right[t] / total[t] for t in sorted(total)}
+    return metrics, shown
+
+
+def write_log(record):
+    if master:
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"python": [(s := random.getstate())[0], list(s[1]), s[2]],
+            "numpy": [np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+            "data": data_rng.get_state()}
+
+
+def save(step):
+    """Checkpoint (atomic): model, optimizer, step, the RNG states of every process, settings."""
+    states = [rng_state()]
+    if ddp:
+        states = [None] * world_size
+        dist.all_gather_object(states, rng_state())
+        states = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for s in states]
+    if master:
+        casa.save_checkpoint(ckpt_path, raw_model, optimizer=optimizer.state_dict(), step=step, rng=states,
+                             train_args=args, pretrained=sorted(pretrained), dataset_dir=data_dir)
+
+
+def format_metrics(m):
+    s = f"val_loss={m['val_loss']:.4f} accuracy={m['accuracy']:.4f}"
+    if "accuracy_by_task" in m:
+        s += " (" + ", ".join(f"{t}={a:.3f}" for t, a in m["accuracy_by_task"].items()) + ")"
+    return s
+
+
+# -----------------------------------------------------------------------------
+# training loop
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if step == 0:  # a fresh run starts a fresh log
+        open(os.path.join(out_dir, "log.jsonl"), "w").close()
+peak = measure_peak_flops() if master else 0.0
+# FLOPs per text token (forward, from casa; x3 for forward + backward), at this dataset's mean text
+# tokens per image
+per_image = sum(len(s.ids) / max(1, len(s.images)) for s in train_data.samples) / len(train_data)
+flops_per_token = 3 * casa.flops_per_text_token(config, max(1, round(per_image)))["total"]
+log(f"matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({dtype}); {flops_per_token / 1e6:.2f} MFLOP per "
+    f"trained text token; {world_size} process(es) x batch {batch_size} x {grad_accum} micro-steps; device {device}")
+
+stop_requested = False
+if not ddp:  # Ctrl-C: finish the current step, write a checkpoint, stop (a second Ctrl-C kills)
+    def on_sigint(signum, frame):
+        global stop_requested
+        stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, on_sigint)
+
+model.train()
+bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
+t_last, tokens_since = time.time(), 0
+while step < max_iters:
+    frac = get_lr(step)
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * frac
+    loss_accum, tokens = 0.0, 0
+    for micro in range(grad_accum):
+        idx, targets, images = train_data.get_batch(batch_size, data_rng)
+        tokens += text_tokens(targets)
+        idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images = None if images is None else images.to(device, non_blocking=True)
+        sync_ctx = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
+        with sync_ctx, autocast:
+            _, loss = model(idx, images, targets)
+            loss = loss / grad_accum
+        loss.backward()
+        loss_accum += loss.item()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    tokens_since += tokens * world_size
+    bar.update(1)
+
+    if step % log_interval == 0 or step == max_iters:
+        sync()
+        dt = time.time() - t_last
+        tok_s = tokens_since / dt
+        mfu = tok_s * flops_per_token / peak if peak else 0.0
+        bar.set_postfix_str(f"loss {loss_accum:.4f} | {tok_s:,.0f} tok/s | mfu {100 * mfu:.2f}%")
+        write_log({"step": step, "loss": loss_accum, "lr": frac * groups[0]["base_lr"], "tok_per_s": tok_s, "mfu": mfu})
+        t_last, tokens_since = time.time(), 0
+    if step % eval_interval == 0 and step < max_iters:
+        if master:
+            m, _ = evaluate(eval_items or None)
+            bar.write(f"step {step}: train_loss={loss_accum:.4f} {format_metrics(m)}")
+            write_log({"step": step, **m})
+        save(step)
+        t_last = time.time()  # evaluation time is not training time
+    if stop_requested:
+        break
+bar.close()
+
+save(step)
+if stop_requested:
+    log(f"stopped at step {step}; checkpoint {ckpt_path} written. Continue with: python train.py --resume=True "
+        f"--out_dir={out_dir}")
+elif master:
+    m, shown = evaluate(None, keep=max(1, num_show // max(1, len(val_data.tasks))))
+    print("validation samples:")
+    for pairs in shown.values():
+        for it, pred in pairs[: max(1, num_show // len(shown))]:
+            ok = "ok " if pred.strip() == it["truth"].strip() else "BAD"
+            prompt = it["prompt"].replace(casa.IMAGE, "<img>")
+            print(f"  [{ok}] {it['task'] + ': ' if it['task'] else ''}{prompt!r} truth={it['truth']!r} pred={pred!r}")
+    line = f"final: {format_metrics(m)} ({m['n_answers']} answers, step {step})"
+    print(line)
+    write_log({"step": step, "final": True, **m, "summary": line})
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()
