@@ -58,7 +58,10 @@ for arg in sys.argv[1:]:  # --name=value, typed like the default (as in train.py
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 torch.manual_seed(seed)
-model, ck = casa.load_checkpoint(ckpt, device=device)
+try:
+    model, ck = casa.load_checkpoint(ckpt, device=device)
+except (OSError, ValueError, RuntimeError) as e:
+    sys.exit(f"error: {e}")
 model.eval()
 config = model.config
 train_args = ck.get("train_args", {})

@@ -363,8 +363,9 @@ def sync():
 def measure_peak_flops():
     """FLOP/s of a large matmul on this machine, in the training dtype: the MFU denominator."""
     n = 4096 if device_type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # not the global RNG: resuming must not shift it
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(2):
         a @ b
     sync()

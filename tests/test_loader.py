@@ -1,0 +1,147 @@
+"""data/loader.py: format errors name file:line; tokenization puts the loss on answers only; the
+lone-image marker goes first; batches pad correctly and are reproducible; eval prompts; auto-prepare."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from conftest import write_tiny_dataset
+from PIL import Image
+
+import casa
+from data.loader import DataError, Dataset, eval_batches, resolve_dataset, text_tokens
+
+S = 16
+TOK = casa.get_tokenizer()
+IMAGE_ID = TOK.encode(casa.IMAGE, allowed_special="all")[0]
+EOT = TOK.encode(casa.ENDOFTEXT, allowed_special="all")[0]
+GOOD = {"image": "a.png", "prompt": "what color?", "answer": "red"}
+
+
+def folder_with(tmp_path, train_lines, val_lines=(GOOD,)):
+    Image.new("RGB", (10, 10), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("L", (7, 13), 200).save(tmp_path / "b.png")  # another size and mode
+    for split, lines in (("train", train_lines), ("val", val_lines)):
+        text = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
+        (tmp_path / f"{split}.jsonl").write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("bad, line, pattern", [
+    ('{"image": "a.png", "prompt": ', 2, r"not valid JSON"),
+    ('["a list"]', 2, r"expected a JSON object"),
+    ({"image": "a.png", "prompt": "q"}, 2, r"missing field 'answer'"),
+    ({"image": "a.png", "answer": "a"}, 2, r"missing field 'prompt'"),
+    ({"images": ["a.png"], "turns": [{"prompt": "<|image|>q"}]}, 2, r"missing field 'answer' in turn 0"),
+    ({"image": "a.png", "prompt": "q", "answer": 3}, 2, r"'answer' must be a string"),
+    ({"image": "missing.png", "prompt": "q", "answer": "a"}, 2, r"image file not found: missing.png"),
+    ({"image": "a.png", "prompt": "<|image|> and <|image|>", "answer": "a"}, 2, r"2 <\|image\|> marker.*1 image"),
+    ({"images": ["a.png", "b.png"], "prompt": "q", "answer": "a"}, 2, r"0 <\|image\|> marker.*2 image.*one <\|image\|> marker per image"),
+    ({"prompt": "<|image|> q", "answer": "a"}, 2, r"1 <\|image\|> marker.*0 image"),
+    ({"image": "a.png", "prompt": "q <|answer|>", "answer": "a"}, 2, r"cannot tokenize"),
+])
+def test_format_errors_name_file_and_line(tmp_path, bad, line, pattern):
+    folder = folder_with(tmp_path, [GOOD, bad, GOOD])
+    with pytest.raises(DataError) as e:
+        Dataset(str(folder), "train", S)
+    msg = str(e.value)
+    assert msg.startswith(f"{folder / 'train.jsonl'}:{line}: "), msg
+    assert re.search(pattern, msg), msg
+
+
+def test_error_line_numbers_count_blank_lines(tmp_path):
+    folder = folder_with(tmp_path, [GOOD], [GOOD, "", "", "{oops"])
+    with pytest.raises(DataError, match=re.escape(f"{folder / 'val.jsonl'}:4: not valid JSON")):
+        Dataset(str(folder), "val", S)
+
+
+def test_answer_only_loss_and_lone_marker_first(tmp_path):
+    folder = folder_with(tmp_path, [GOOD, {"image": "b.png", "prompt": "shape?", "answer": "a longer answer"}])
+    ds = Dataset(str(folder), "train", S)
+    s = ds.samples[0]
+    assert s.turns == [(casa.IMAGE + "what color?", "red")]  # no marker, one image: it goes first
+    assert s.ids[0] == IMAGE_ID
+    idx, targets, images = ds.batch([0, 1])
+    assert images.shape == (2, 3, S, S) and images.dtype == torch.float32
+    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    for row, answer in enumerate(["red", "a longer answer"]):
+        t = targets[row]
+        # the supervised tokens are exactly the answer and its <|endoftext|>
+        assert TOK.decode([x for x in t.tolist() if x != -1 and x != EOT]) == answer
+        assert t[t != -1].tolist()[-1] == EOT
+        # ... predicted from the position before each of them (shifted by one)
+        n = len(ds.samples[row].ids) - 1
+        assert idx[row, :n].tolist() == ds.samples[row].ids[:-1]
+        first = (t != -1).nonzero()[0].item()
+        assert idx[row, first].item() == TOK.encode(casa.ANSWER, allowed_special="all")[0]
+    # the shorter row is padded with <|endoftext|>, without loss
+    n0 = len(ds.samples[0].ids) - 1
+    assert (idx[0, n0:] == EOT).all() and (targets[0, n0:] == -1).all()
+    assert text_tokens(targets) == n0 + len(ds.samples[1].ids) - 1
+
+
+def test_multi_turn_markers_and_eval_items(tmp_path):
+    rec = {"images": ["a.png", "b.png"], "task": "two",
+           "turns": [{"prompt": "<|image|>first?", "answer": "red"}, {"prompt": "then <|image|>?", "answer": "gray"}]}
+    folder = folder_with(tmp_path, [rec, GOOD])
+    ds = Dataset(str(folder), "train", S)
+    assert ds.tasks == ["", "two"]
+    _, targets, images = ds.batch([0])
+    assert images.shape == (2, 3, S, S)
+    assert TOK.decode([x for x in targets[0].tolist() if x not in (-1, EOT)]) == "redgray"
+    items = ds.eval_items()
+    assert [it["truth"] for it in items] == ["red", "gray", "red"]
+    first, second = items[0], items[1]
+    # the second turn's prompt holds the first turn with its true answer, and both images
+    assert TOK.decode(second["ids"]) == "<|image|>first?<|answer|>red<|endoftext|>then <|image|>?<|answer|>"
+    assert first["images"].shape[0] == 1 and second["images"].shape[0] == 2
+    assert torch.equal(second["images"][0], first["images"][0])
+    # eval batches: equal prompt lengths only (no padding); markers match images
+    seen = 0
+    for idx, imgs, chunk in eval_batches(items, batch_size=8):
+        assert all(len(it["ids"]) == idx.size(1) for it in chunk)
+        assert int((idx == IMAGE_ID).sum()) == imgs.size(0)
+        seen += len(chunk)
+    assert seen == 3
+    assert ds.max_answer_len() == len(TOK.encode("gray")) + 1
+
+
+def test_batches_reproducible_and_blind(tmp_path):
+    folder = write_tiny_dataset(tmp_path / "d")
+    ds = Dataset(str(folder), "train", S)
+    a = ds.get_batch(5, torch.Generator().manual_seed(3))
+    b = ds.get_batch(5, torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[2] is not None and float(a[2].sum()) > 0
+    blind = Dataset(str(folder), "train", S, blind=True)
+    c = blind.get_batch(5, torch.Generator().manual_seed(3))
+    assert torch.equal(c[0], a[0]) and torch.equal(c[1], a[1])  # same text
+    assert c[2].shape == a[2].shape and float(c[2].abs().sum()) == 0  # blank images
+
+
+def test_block_size_error(tmp_path):
+    folder = folder_with(tmp_path, [GOOD, {"image": "a.png", "prompt": "x" * 50, "answer": "y"}])
+    ds = Dataset(str(folder), "train", S)
+    with pytest.raises(DataError, match=r"train.jsonl:2: sample is 53 tokens, longer than block_size=32"):
+        ds.check_block_size(32)
+    ds.check_block_size(53)  # marker + 50 + <|answer|> + y + <|endoftext|>, minus the last
+
+
+def test_resolve_dataset_paths_names_and_auto_prepare(tmp_path):
+    data_dir = tmp_path / "data"
+    (data_dir / "toy").mkdir(parents=True)
+    # a built-in dataset without its files: its prepare.py runs once
+    (data_dir / "toy" / "prepare.py").write_text(
+        "import os\nhere = os.path.dirname(os.path.abspath(__file__))\n"
+        "for s in ('train', 'val'):\n"
+        "    open(os.path.join(here, s + '.jsonl'), 'w').write('{\"prompt\": \"q\", \"answer\": \"a\"}\\n')\n")
+    assert resolve_dataset("toy", data_dir=str(data_dir)) == str(data_dir / "toy")
+    assert (data_dir / "toy" / "train.jsonl").exists()
+    assert len(Dataset(str(data_dir / "toy"), "val", S)) == 1
+    # a path is used as it is
+    own = write_tiny_dataset(tmp_path / "mine")
+    assert resolve_dataset(str(own), data_dir=str(data_dir)) == str(own)
+    with pytest.raises(FileNotFoundError, match=r"no train.jsonl.*built-in names: toy"):
+        resolve_dataset("nope", data_dir=str(data_dir))

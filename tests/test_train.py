@@ -1,0 +1,141 @@
+"""train.py end to end, as subprocesses on a tiny model and a tiny dataset in a temp folder: settings
+checks, a run with its log and final line, exact resume, incompatible resume, adaptation with frozen
+groups, and two processes under torchrun (gloo on CPU)."""
+
+import pytest
+import torch
+from conftest import TINY_MODEL, read_log, run, write_tiny_dataset
+
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+def train(data, out, *args, check=True):
+    return run("train.py", *TINY_MODEL, f"--dataset={data}", f"--out_dir={out}", *args, check=check)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def base(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    r = train(data, out, "--max_iters=6", "--eval_interval=3")
+    return out, r
+
+
+def test_settings_are_checked(data, tmp_path):
+    r = train(data, tmp_path / "x", "--n_layers=3", check=False)
+    assert r.returncode != 0 and "unknown setting --n_layers (did you mean --n_layer?)" in r.stderr, r.stderr
+    r = train(data, tmp_path / "x", "--learning_rate=fast", check=False)
+    assert r.returncode != 0 and "--learning_rate takes a float" in r.stderr, r.stderr
+    r = train(data, tmp_path / "x", "max_iters=3", check=False)
+    assert r.returncode != 0 and "--name=value" in r.stderr
+    r = train(data, tmp_path / "x", "--freeze=everything", check=False)
+    assert r.returncode != 0 and "unknown group 'everything'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_run_logs_metrics_and_final_line(base):
+    out, r = base
+    assert "final: val_loss=" in r.stdout and "accuracy=" in r.stdout
+    assert "validation samples:" in r.stdout
+    log = read_log(out)
+    steps = [x for x in log if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(x["tok_per_s"] > 0 and x["mfu"] > 0 for x in steps)
+    evals = [x for x in log if "val_loss" in x]
+    assert [x["step"] for x in evals] == [3, 6]
+    final = evals[-1]
+    assert final["final"] and final["summary"].startswith("final: val_loss=")
+    assert set(final["accuracy_by_task"]) == {"color", "pair"}  # per task when several
+    assert final["n_answers"] == 8  # 4 single-turn + 2 two-turn val samples
+    ck = load(out / "ckpt.pt")
+    assert ck["step"] == 6 and ck["config"]["variant"] == "ca" and ck["train_args"]["max_iters"] == 6
+    assert {"model", "optimizer", "rng", "train_args", "dataset_dir"} <= set(ck)
+    assert {"python", "numpy", "torch", "data"} <= set(ck["rng"][0])
+
+
+def test_resume_is_exact(data, tmp_path):
+    # dropout on, so the torch RNG state matters too; evals in between must not disturb anything
+    common = ["--dropout=0.1", "--lr_decay_iters=8", "--eval_interval=3"]
+    train(data, tmp_path / "straight", *common, "--max_iters=8")
+    train(data, tmp_path / "split", *common, "--max_iters=4")
+    r = train(data, tmp_path / "split", "--resume=True", "--max_iters=8")
+    assert "resumed" in r.stdout
+    a = {x["step"]: x["loss"] for x in read_log(tmp_path / "straight") if "loss" in x}
+    b = {x["step"]: x["loss"] for x in read_log(tmp_path / "split") if "loss" in x}
+    assert list(b) == list(range(1, 9)) and a == b
+    assert a[1] != a[8]
+    wa, wb = load(tmp_path / "straight" / "ckpt.pt")["model"], load(tmp_path / "split" / "ckpt.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_incompatible_resume_is_refused(base, data, tmp_path):
+    out, _ = base
+    r = train(data, out, "--resume=True", "--n_embd=64", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "cannot resume" in r.stderr and "n_embd=32 (this run asks for 64)" in r.stderr, r.stderr
+    # a checkpoint whose config this casa.py does not know
+    ck = load(out / "ckpt.pt")
+    ck["config"]["n_experts"] = 8
+    (tmp_path / "odd").mkdir()
+    torch.save(ck, tmp_path / "odd" / "ckpt.pt")
+    r = train(data, tmp_path / "odd", "--resume=True", check=False)
+    assert r.returncode != 0 and "does not fit this casa.py" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def insertion(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("insertion")
+    train(data, out, "--variant=insertion", "--max_iters=4", "--eval_interval=100")
+    return out / "ckpt.pt"
+
+
+@pytest.mark.parametrize("variant, freeze", [("ca", "vision_but_last,text"), ("ca_replace", "pretrained")])
+def test_adaptation_trains_only_what_is_not_frozen(insertion, data, tmp_path, variant, freeze):
+    src = load(insertion)["model"]
+    r = train(data, tmp_path, f"--init_from={insertion}", f"--variant={variant}", f"--freeze={freeze}",
+              "--max_iters=4", "--eval_interval=100", "--lr_new=1e-2")
+    assert "tensors copied" in r.stdout
+    ck = load(tmp_path / "ckpt.pt")
+    assert ck["config"]["variant"] == variant and ck["config"]["n_embd"] == 32
+    after = ck["model"]
+    new = [k for k in after if ".ca." in k or ".ln_ca." in k]
+    assert new
+    if freeze == "pretrained":
+        trainable = set(new)
+    else:  # the last vision block and the head after it stay trainable, with the CA layers
+        trainable = set(new) | {k for k in after if k.startswith(("vision.blocks.1.", "vision.ln_f", "vision.proj",
+                                                                   "vision.ln_out"))}
+    for k, t in after.items():
+        if k in trainable:
+            assert k in new or not torch.equal(t, src[k]), f"{k} should have been trained"
+        else:
+            assert torch.equal(t, src[k]), f"frozen {k} changed"
+    # the CA projections started from the same layer's SA weights, and then moved
+    for k in [k for k in new if ".ca." in k]:
+        assert not torch.equal(after[k], src[k.replace(".ca.", ".sa.")]), k
+    assert sorted(ck["pretrained"]) == sorted(k for k in after if k not in new and k != "lm_head.weight")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(data, tmp_path):
+    r = run("torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY_MODEL,
+            f"--dataset={data}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=2", module=True)
+    assert "2 process(es)" in r.stdout and "final: val_loss=" in r.stdout
+    assert r.stdout.count("final: ") == 1  # printed by rank 0 only
+    ck = load(tmp_path / "ckpt.pt")
+    assert ck["step"] == 4 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0]["data"], ck["rng"][1]["data"])  # each process its own batches
+    assert [x["step"] for x in read_log(tmp_path) if "loss" in x] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("variant", ["ca_shared", "ca_tv", "ca_ffn"])  # ca, insertion, ca_replace: above
+def test_other_variants_train_and_evaluate(data, tmp_path, variant):
+    r = train(data, tmp_path, f"--variant={variant}", "--max_iters=2", "--eval_interval=100")
+    assert f"model {variant}:" in r.stdout and "final: val_loss=" in r.stdout
