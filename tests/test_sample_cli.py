@@ -110,8 +110,6 @@ def test_missing_ckpt_is_a_clear_error(setup, tmp_path):
     assert "checkpoint not found" in r.stderr and str(missing) in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(reason="sample.py lets casa.load_checkpoint's FileNotFoundError escape as a traceback "
-                          "(train.py and sample.py's --image errors print a one-line 'error: ...')")
 def test_missing_ckpt_without_traceback(setup, tmp_path):
     r = run_sample(f"--ckpt={tmp_path / 'nope.pt'}", f"--image={setup['photo']}")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
