@@ -152,7 +152,10 @@ ckpt = None
 if resume:
     if not os.path.exists(ckpt_path):
         fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, or objects weights_only refuses
+        fail(f"cannot read {ckpt_path}: {e}")
     if not isinstance(ckpt, dict) or not {"model", "config", "optimizer", "train_args"} <= set(ckpt):
         fail(f"{ckpt_path} is not a train.py checkpoint (no optimizer state or settings); "
              "to start from its weights use --init_from instead of --resume")
@@ -166,6 +169,8 @@ if resume:
     globals().update(cli)
 elif init_from and not os.path.exists(init_from):
     fail(f"--init_from: checkpoint not found: {init_from}")
+if variant not in casa.VARIANTS:
+    fail(f"unknown variant {variant!r}; choose one of {', '.join(casa.VARIANTS)}")
 if compile is None:
     compile = device_type == "cuda"
 args = {k: globals()[k] for k in SETTINGS}  # the settings of this run, saved in checkpoints
@@ -182,14 +187,17 @@ if device_type == "cuda":
 
 # -----------------------------------------------------------------------------
 # data
-if master:  # one process prepares a missing built-in dataset, the others wait
-    data_dir = resolve_dataset(dataset)
-if ddp:
-    dist.barrier()
-data_dir = resolve_dataset(dataset, prepare=False)
 t0 = time.time()
-train_data = Dataset(data_dir, "train", image_size, blind=blind)
-val_data = Dataset(data_dir, "val", image_size, blind=blind)
+try:
+    if master:  # one process prepares a missing built-in dataset, the others wait
+        data_dir = resolve_dataset(dataset)
+    if ddp:
+        dist.barrier()
+    data_dir = resolve_dataset(dataset, prepare=False)
+    train_data = Dataset(data_dir, "train", image_size, blind=blind)
+    val_data = Dataset(data_dir, "val", image_size, blind=blind)
+except (OSError, ValueError) as e:  # DataError is a ValueError: it names the file and line
+    fail(e)
 tokenizer = train_data.tokenizer
 log(f"dataset {data_dir}: {len(train_data)} train / {len(val_data)} val samples, tasks: "
     f"{', '.join(t or '-' for t in val_data.tasks)}{' (BLIND: images blanked)' if blind else ''} "
@@ -205,7 +213,10 @@ if ckpt is not None:
         fail(f"cannot resume {ckpt_path}: its model config does not fit this casa.py ({e})")
     pretrained = set(ckpt.get("pretrained", []))
 elif init_from:
-    src = torch.load(init_from, map_location="cpu", weights_only=True)
+    try:
+        src = torch.load(init_from, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"--init_from: cannot read {init_from}: {e}")
     if not isinstance(src, dict) or "model" not in src or "config" not in src:
         fail(f"--init_from: {init_from} is not a casa checkpoint")
     src_config = dict(src["config"])
@@ -214,10 +225,15 @@ elif init_from:
     if clash:
         fail(f"--init_from: {init_from} has {', '.join(clash)}; the model sizes come from the checkpoint")
     src_config.update(variant=variant, dropout=dropout, block_size=max(block_size, src_config["block_size"]))
-    config = casa.Config(**src_config)
-    image_size = config.image_size
+    try:
+        config = casa.Config(**src_config)
+    except (TypeError, ValueError) as e:
+        fail(f"--init_from: {e}")
 else:
-    config = casa.Config(**{k: globals()[k] for k in MODEL_KEYS if k != "block_size"}, block_size=block_size or 256)
+    try:
+        config = casa.Config(**{k: globals()[k] for k in MODEL_KEYS if k != "block_size"}, block_size=block_size or 256)
+    except ValueError as e:  # an unknown variant, sizes that do not divide
+        fail(e)
 if block_size == 0 and ckpt is None:  # fit the data, at least casa's default
     need = max(train_data.max_len(), val_data.max_len())
     config.block_size = max(config.block_size, 64 * math.ceil(need / 64))
