@@ -115,6 +115,7 @@ def parse_overrides(argv, settings):
     return out
 
 
+t_start = time.time()  # wall time of the whole run, reported at the end
 cli = parse_overrides(sys.argv[1:], {k: globals()[k] for k in SETTINGS})
 globals().update(cli)
 
@@ -541,7 +542,7 @@ elif master:
             print(f"  [{ok}] {it['task'] + ': ' if it['task'] else ''}{prompt!r} truth={it['truth']!r} pred={pred!r}")
     line = f"final: {format_metrics(m)} ({m['n_answers']} answers, step {step})"
     print(line)
-    write_log({"step": step, "final": True, **m, "summary": line})
+    write_log({"step": step, "final": True, **m, "summary": line, "wall_s": round(time.time() - t_start, 1)})
 if ddp:
     dist.barrier()
     dist.destroy_process_group()

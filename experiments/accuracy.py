@@ -1,0 +1,102 @@
+"""
+The paper's Table 2 at toy scale: every fusion variant, and the blind baseline, trained with the
+same budget on the coarse task (shapes) and the two fine-grained ones (text reading, charts),
+several seeds each. Reports greedy exact-match accuracy and the validation loss on answer tokens
+(the loss still moves when a hard task's exact-match accuracy is near zero).
+
+    python experiments/accuracy.py                        # 3 tasks x 7 models x 3 seeds, ~33 min on 2 cores
+    python experiments/accuracy.py --tasks=shapes --seeds=1   # one column, one seed
+    python experiments/accuracy.py --tasks=text,charts --models=ca,ca_tv,insertion,blind --seeds=1 --max_iters=3000
+                                                          # a longer budget, with learning curves
+
+Runs go to runs/accuracy/<task>/<variant>-s<seed>/ (log.jsonl, ckpt.pt, train.txt); a run that
+already finished is not run again, so an interrupted sweep continues where it stopped. The table
+is printed and written to docs/results/accuracy.md.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import casa  # noqa: E402
+from experiments.runs import ROOT, markdown_table, mean_spread, run_all, write_result  # noqa: E402
+
+# one budget for every run: ~1 min each on one CPU thread
+BUDGET = dict(max_iters=400, batch_size=32, learning_rate=3e-3, eval_interval=400, num_show=0)
+CHANCE = {"shapes": "~0.13", "text": "~0", "charts": "~0.15"}
+
+
+def jobs_for(tasks, models, seeds, budget=BUDGET, root="runs/accuracy"):
+    """(out_dir, train.py settings) for every task x model x seed; model 'blind' is ca with blank images."""
+    jobs = []
+    for task in tasks:
+        for model in models:
+            for seed in seeds:
+                settings = dict(dataset=task, variant="ca" if model == "blind" else model, seed=seed, **budget)
+                if model == "blind":
+                    settings["blind"] = True
+                jobs.append((f"{root}/{task}/{model}-s{seed}", settings))
+    return jobs
+
+
+def curve(out_dir):
+    """[(step, accuracy)] of a run's periodic and final evaluations."""
+    with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
+        return [(r["step"], r["accuracy"]) for r in map(json.loads, f) if "accuracy" in r]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="shapes,text,charts")
+    # ca_all differs from ca only when a sample has several images: on these one-image tasks it is the
+    # same model, step for step (same parameters, same seed), so it is left out (see experiments/video.py)
+    parser.add_argument("--models", default=",".join([*(v for v in casa.VARIANTS if v != "ca_all"), "blind"]))
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--max_iters", type=int, default=BUDGET["max_iters"],
+                        help="another budget: runs go to runs/accuracy-N, with 6 evaluations along the way")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    tasks, models = args.tasks.split(","), args.models.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    budget, root, name = BUDGET, "runs/accuracy", "accuracy"
+    if args.max_iters != BUDGET["max_iters"]:
+        budget = dict(BUDGET, max_iters=args.max_iters, eval_interval=max(1, args.max_iters // 6))
+        root, name = f"runs/accuracy-{args.max_iters}", f"accuracy_{args.max_iters}"
+
+    results = run_all(jobs_for(tasks, models, seeds, budget, root), args.jobs, args.threads)
+    header = ["model"] + [f"{t} accuracy" for t in tasks] + [f"{t} val loss" for t in tasks]
+    rows, data = [], {}
+    for model in models:
+        row = [model]
+        for key in ("accuracy", "val_loss"):
+            for task in tasks:
+                xs = [results[f"{root}/{task}/{model}-s{s}"][key] for s in seeds]
+                data.setdefault(model, {}).setdefault(task, {})[key] = xs
+                row.append(mean_spread(xs))
+        rows.append(row)
+    rows.append(["chance"] + [CHANCE.get(t, "") for t in tasks] + [""] * len(tasks))
+    settings = ", ".join(f"{k}={v}" for k, v in budget.items() if k not in ("eval_interval", "num_show"))
+    wall = sum(r["wall_s"] for r in results.values() if "wall_s" in r)
+    text = (f"Accuracy (greedy exact match on all validation answers) and validation loss (answer tokens), "
+            f"mean ± std over seeds {args.seeds}; {settings}; train.py defaults otherwise "
+            f"(4 layers x 128, 32x32 images, 16 image tokens). {len(results)} runs, {wall / 60:.0f} min of "
+            f"run time in total.\n\n" + markdown_table(header, rows))
+    if budget is not BUDGET:  # the learning curves: accuracy at each evaluation, mean over seeds
+        steps = [st for st, _ in curve(f"{root}/{tasks[0]}/{models[0]}-s{seeds[0]}")]
+        curve_rows = []
+        for task in tasks:
+            for model in models:
+                accs = [[a for _, a in curve(f"{root}/{task}/{model}-s{s}")] for s in seeds]
+                curve_rows.append([task, model] + [f"{sum(col) / len(col):.3f}" for col in zip(*accs)])
+                data[model][task]["curve"] = accs
+        text += ("\n\nAccuracy along the way (periodic evaluations on the first 400 validation answers, the "
+                 "last one on all), mean over seeds:\n\n" + markdown_table(["task", "model"] + [f"step {st}" for st in steps],
+                                                                          curve_rows))
+    write_result(name, text, data)
+
+
+if __name__ == "__main__":
+    main()

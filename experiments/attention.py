@@ -1,0 +1,118 @@
+"""
+Where attention goes: in the layers where text queries see text keys and image keys in ONE softmax
+(ca_tv's CASA layers, insertion's self-attention), the share of attention that text tokens give
+to image tokens, per layer and head (casa.attention_mass), for models trained by
+experiments/accuracy.py and, for comparison, the same models untrained.
+
+The v1 paper's "implicit gating": because the text keys compete in the same softmax, a layer can
+turn the image down (give its attention to text) without any explicit gate.
+
+    python experiments/attention.py                 # shapes models, seeds 1-3: ~20 s
+    python experiments/attention.py --task=charts
+
+Draws docs/attention.png (trained, mean over seeds; untrained for reference) and writes the numbers
+to docs/results/attention.md.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import casa  # noqa: E402
+from data.loader import Dataset  # noqa: E402
+from experiments.runs import ROOT, markdown_table, write_result  # noqa: E402
+
+MODELS = ["ca_tv", "insertion"]
+
+
+@torch.no_grad()
+def mass_on(model, data, n_samples):
+    """attention_mass over the first n_samples validation samples (full sequences, answers included),
+    batched by length; averaged with each batch weighted by its size. (L, H) tensor."""
+    by_len = {}
+    for s in data.samples[:n_samples]:
+        by_len.setdefault(len(s.ids), []).append(s)
+    total, count = 0.0, 0
+    for group in by_len.values():
+        idx = torch.tensor([s.ids for s in group])
+        images = torch.cat([data.sample_images(s) for s in group])
+        total = total + casa.attention_mass(model, idx, images) * len(group)
+        count += len(group)
+    return total / count
+
+
+def heat_panel(title, mass, cell=44):
+    """One panel: layers down, heads across, the share of attention on image keys in each cell."""
+    L, H = mass.shape
+    left, top = 64, 34
+    footer = "share of text attention on image keys (0 white, 1 orange)"
+    im = Image.new("RGB", (max(left + H * cell + 12, 12 + 6 * max(len(title), len(footer))), top + L * cell + 26), "white")
+    d = ImageDraw.Draw(im)
+    d.text((6, 6), title, fill="black")
+    for h in range(H):
+        d.text((left + h * cell + cell // 2 - 10, top - 14), f"head {h}", fill="black")
+    for layer in range(L):
+        d.text((6, top + layer * cell + cell // 2 - 6), f"layer {layer}", fill="black")
+        for h in range(H):
+            x = float(mass[layer, h])
+            color = tuple(round(255 + (c - 255) * x) for c in (236, 100, 20))  # white (0) -> orange (1)
+            x0, y0 = left + h * cell, top + layer * cell
+            d.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=color, outline=(200, 200, 200))
+            d.text((x0 + 8, y0 + cell // 2 - 6), f"{x:.2f}", fill="black" if x < 0.6 else "white")
+    d.text((6, top + L * cell + 6), footer, fill=(90, 90, 90))
+    return im
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="shapes")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--samples", type=int, default=200, help="validation samples per model")
+    parser.add_argument("--out", default="docs/attention.png")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    panels, rows, data = [], [], {}
+    for name in MODELS:
+        trained, untrained = [], []
+        for seed in seeds:
+            path = os.path.join(ROOT, f"runs/accuracy/{args.task}/{name}-s{seed}/ckpt.pt")
+            if not os.path.exists(path):
+                sys.exit(f"no checkpoint at {path}: run python experiments/accuracy.py --tasks={args.task} first")
+            model, ckpt = casa.load_checkpoint(path)
+            dataset = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
+            trained.append(mass_on(model.eval(), dataset, args.samples))
+            torch.manual_seed(seed)  # the same initialisation train.py started from
+            untrained.append(mass_on(casa.VLM(model.config).eval(), dataset, args.samples))
+        trained, untrained = torch.stack(trained), torch.stack(untrained)  # (seeds, L, H)
+        data[name] = dict(trained=trained.tolist(), untrained=untrained.tolist())
+        mean = trained.mean(0)
+        panels.append(heat_panel(f"{name}, trained on {args.task} (mean of {len(seeds)} seeds)", mean))
+        panels.append(heat_panel(f"{name}, untrained", untrained.mean(0)))
+        per_layer = trained.mean(2)  # (seeds, L): head-averaged share per layer and seed
+        for layer in range(per_layer.size(1)):
+            xs = per_layer[:, layer]
+            rows.append([name, layer, f"{untrained.mean(2)[:, layer].mean():.2f}", f"{xs.mean():.2f} ± {xs.std():.2f}",
+                         f"{mean[layer].min():.2f} - {mean[layer].max():.2f}"])
+
+    # two columns (trained | untrained), one row per model
+    w = max(p.width for p in panels)
+    h = max(p.height for p in panels)
+    sheet = Image.new("RGB", (2 * w, h * len(MODELS)), "white")
+    for i, p in enumerate(panels):
+        sheet.paste(p, ((i % 2) * w, (i // 2) * h))
+    sheet.save(os.path.join(ROOT, args.out))
+    print(f"wrote {args.out}")
+    header = ["model", "layer", "untrained", "trained (mean ± std over seeds)", "trained, range over heads"]
+    text = (f"Share of text-token attention on image keys, in the layers where text and image keys share a "
+            f"softmax (casa.attention_mass), {args.task} validation samples (first {args.samples}, answers "
+            f"included), head-averaged per layer; seeds {args.seeds}.\n\n" + markdown_table(header, rows))
+    write_result("attention", text, data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""
+What the experiment scripts share: run train.py as separate processes (a few at once, each on its
+own CPU threads), skip runs that already finished, read their final metrics, and print tables.
+
+Every run is an ordinary `python train.py --k=v ...` command; run_all prints each one, so any row
+of any table can be rerun by hand.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_command(out_dir, settings):
+    """The exact train.py command line of one run."""
+    return ["python", "train.py", *(f"--{k}={v}" for k, v in settings.items()), f"--out_dir={out_dir}"]
+
+
+def final_record(out_dir):
+    """The "final" line of a finished run's log.jsonl, or None if the run has not finished."""
+    path = os.path.join(ROOT, out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        finals = [r for r in map(json.loads, f) if r.get("final")]
+    return finals[-1] if finals else None
+
+
+def run_all(jobs, parallel=2, threads=1):
+    """Run every (out_dir, settings) job that has not finished yet, `parallel` at a time, each with
+    `threads` CPU threads. Returns {out_dir: final record} for all jobs. A failed run stops
+    everything with its log's last lines."""
+    todo = [(d, s) for d, s in jobs if final_record(d) is None]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run "
+          f"({parallel} at a time, {threads} thread(s) each)", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    running, done, t_start = [], 0, time.time()
+    while todo or running:
+        while todo and len(running) < parallel:
+            out_dir, settings = todo.pop(0)
+            os.makedirs(os.path.join(ROOT, out_dir), exist_ok=True)
+            cmd = train_command(out_dir, settings)
+            print("  $ " + " ".join(cmd), flush=True)
+            out = open(os.path.join(ROOT, out_dir, "train.txt"), "w")
+            proc = subprocess.Popen([sys.executable, *cmd[1:]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            running.append((proc, out, out_dir, time.time()))
+        time.sleep(0.2)
+        for item in list(running):
+            proc, out, out_dir, t0 = item
+            if proc.poll() is None:
+                continue
+            out.close()
+            running.remove(item)
+            record = final_record(out_dir)
+            if proc.returncode != 0 or record is None:
+                for p, o, _, _ in running:
+                    p.kill()
+                    o.close()
+                with open(os.path.join(ROOT, out_dir, "train.txt")) as f:
+                    tail = f.read()[-2000:]
+                sys.exit(f"run {out_dir} failed (exit {proc.returncode}):\n{tail}")
+            done += 1
+            print(f"  done {out_dir}: accuracy {record['accuracy']:.3f}, val_loss {record['val_loss']:.4f} "
+                  f"({time.time() - t0:.0f} s; {done} finished, {time.time() - t_start:.0f} s so far)", flush=True)
+    return {d: final_record(d) for d, _ in jobs}
+
+
+def mean_spread(xs, digits=3):
+    """'mean ± sample std' of a list of numbers (just the number when there is one)."""
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_result(name, text, data=None):
+    """Print a result table and keep it under docs/results/ (markdown, plus the raw numbers as JSON)."""
+    print("\n" + text)
+    folder = os.path.join(ROOT, "docs", "results")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(text + "\n")
+    if data is not None:
+        with open(os.path.join(folder, f"{name}.json"), "w") as f:
+            json.dump(data, f, indent=1)
+    print(f"\n(written to docs/results/{name}.md)")

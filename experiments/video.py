@@ -1,0 +1,89 @@
+"""
+The paper's Table 4 at toy scale: streaming video, where the last question of a "video_memory"
+clip needs the FIRST frame ("what color was the shape in the first frame?") and the last frame
+always shows something else. Three ways to let a model remember:
+
+  ca         one frame per window: CA sees only the current frame; what earlier frames showed
+             survives only in the cached text tokens (the "gist" the paper relies on)
+  ca_all     all frames in one window: CA sees every past frame (KV grows by N per frame)
+  insertion  every frame's tokens inserted into the self-attention stream (KV grows by N per frame)
+
+Each is trained on data/video (captions of every frame + the memory question) with one budget,
+several seeds; reported: accuracy over every turn, and the last-turn accuracy of the memory clips
+(colour and shape questions; chance ~1/6 and 1/5).
+
+    python experiments/video.py            # 3 variants x 3 seeds, ~12 min on 2 cores
+
+Runs go to runs/video/<variant>-s<seed>/; the table to docs/results/video.md.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import casa  # noqa: E402
+from data.loader import Dataset, answer, eval_batches  # noqa: E402
+from experiments.runs import ROOT, markdown_table, mean_spread, run_all, write_result  # noqa: E402
+
+BUDGET = dict(dataset="video", max_iters=400, batch_size=8, learning_rate=3e-3, eval_interval=400, num_show=0)
+VARIANTS = ["ca", "ca_all", "insertion"]
+
+
+@torch.no_grad()
+def memory_accuracy(ckpt_path):
+    """Greedy exact-match accuracy on the last turn of every video_memory clip of the validation
+    split: {"all": acc, "color": acc, "shape": acc, "n": count}."""
+    model, ckpt = casa.load_checkpoint(ckpt_path)
+    model.eval()
+    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
+    items = [it for it in data.eval_items()
+             if it["task"] == "video_memory" and it["turn"] == len(data.samples[it["sample"]].turns) - 1]
+    right = {"color": [], "shape": []}
+    for idx, images, chunk in eval_batches(items, 64):
+        preds = answer(model, idx, images, data.tokenizer, data.max_answer_len() + 4)
+        for it, pred in zip(chunk, preds):
+            kind = "color" if "color" in it["prompt"] else "shape"
+            right[kind].append(pred.strip() == it["truth"].strip())
+    every = right["color"] + right["shape"]
+    return {"all": sum(every) / len(every), "n": len(every),
+            **{k: sum(v) / max(1, len(v)) for k, v in right.items()}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
+    jobs = [(f"runs/video/{v}-s{s}", dict(variant=v, seed=s, **BUDGET)) for v in variants for s in seeds]
+    results = run_all(jobs, args.jobs, args.threads)
+
+    rows, data = [], {}
+    for v in variants:
+        recs = [results[f"runs/video/{v}-s{s}"] for s in seeds]
+        mem = [memory_accuracy(os.path.join(ROOT, f"runs/video/{v}-s{s}/ckpt.pt")) for s in seeds]
+        caption = [r["accuracy_by_task"]["video_caption"] for r in recs]
+        data[v] = dict(accuracy=[r["accuracy"] for r in recs], caption=caption, memory_last=[m["all"] for m in mem],
+                       memory_color=[m["color"] for m in mem], memory_shape=[m["shape"] for m in mem],
+                       wall_s=[r.get("wall_s") for r in recs])
+        config = casa.Config(variant=v)
+        rows.append([v, casa.kv_formula(config), mean_spread(data[v]["accuracy"]), mean_spread(caption),
+                     mean_spread(data[v]["memory_last"]), mean_spread(data[v]["memory_color"]),
+                     mean_spread(data[v]["memory_shape"])])
+    n = mem[0]["n"]
+    header = ["variant", "#KV per layer", "all turns", "caption turns", f"memory: last turn ({n} clips)",
+              "memory: colour", "memory: shape"]
+    budget = ", ".join(f"{k}={v}" for k, v in BUDGET.items() if k not in ("eval_interval", "num_show"))
+    text = (f"Video memory: greedy exact-match accuracy on data/video's validation clips; {budget}; train.py "
+            f"defaults otherwise (4 x 128, 16 image tokens per frame); mean ± std over seeds {args.seeds}.\n\n"
+            + markdown_table(header, rows))
+    write_result("video", text, data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The experiment scripts' own machinery (not the experiments: those take an hour and no test runs
+them): the runner that launches train.py and skips finished runs, the job lists, the activation
+counter, the attention-mass batching and the video memory evaluation."""
+
+import json
+import os
+import statistics
+
+import torch
+
+import casa
+from conftest import TINY_MODEL, run, write_tiny_dataset
+from experiments import accuracy, attention, efficiency, runs, video
+
+
+def test_run_all_runs_train_py_once_and_reads_its_final_record(tmp_path, capsys):
+    data = write_tiny_dataset(tmp_path / "data")
+    settings = dict(arg[2:].split("=", 1) for arg in TINY_MODEL)
+    settings.update(dataset=str(data), max_iters=3, eval_interval=3)
+    out_dir = str(tmp_path / "run")
+    results = runs.run_all([(out_dir, settings)], parallel=1)
+    record = results[out_dir]
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        finals = [r for r in map(json.loads, f) if r.get("final")]
+    assert record == finals[-1] and record["step"] == 3 and "wall_s" in record
+    assert "final:" in open(os.path.join(out_dir, "train.txt")).read()
+    printed = capsys.readouterr().out
+    assert "$ python train.py --n_layer=2" in printed  # the command, as a user would type it
+
+    before = os.path.getmtime(os.path.join(out_dir, "log.jsonl"))
+    again = runs.run_all([(out_dir, settings)], parallel=1)  # finished: not run again
+    assert again[out_dir] == record
+    assert os.path.getmtime(os.path.join(out_dir, "log.jsonl")) == before
+    assert "1 already done, 0 to run" in capsys.readouterr().out
+
+
+def test_run_all_stops_with_the_failing_runs_output(tmp_path):
+    try:
+        runs.run_all([(str(tmp_path / "bad"), dict(dataset=str(tmp_path / "missing")))], parallel=1)
+    except SystemExit as e:
+        assert "failed" in str(e) and "missing" in str(e)
+    else:
+        raise AssertionError("a failing run must stop run_all")
+
+
+def test_jobs_share_one_budget_and_blind_is_ca_on_blank_images():
+    jobs = dict(accuracy.jobs_for(["shapes", "text"], ["ca", "insertion", "blind"], [1, 2]))
+    assert len(jobs) == 12
+    blind = jobs["runs/accuracy/text/blind-s2"]
+    assert blind["variant"] == "ca" and blind["blind"] is True and blind["seed"] == 2
+    assert all("blind" not in s for d, s in jobs.items() if "blind" not in d)
+    for s in jobs.values():
+        assert {k: s[k] for k in accuracy.BUDGET} == accuracy.BUDGET
+
+
+def test_mean_spread_is_mean_and_sample_std():
+    xs = [0.5, 0.25, 0.375]
+    assert runs.mean_spread(xs) == f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+    assert runs.mean_spread([0.5]) == "0.500"
+
+
+def test_activation_bytes_counts_saved_tensors_once_and_leaves_weights_out():
+    class Tiny(torch.nn.Module):  # the calling convention of casa.VLM: (idx, images, targets) -> (_, loss)
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 16, bias=False)
+
+        def forward(self, idx, images, targets):
+            y = self.lin(images)  # saves its input (4 x 8 floats); the weight is a parameter
+            return None, (y * y).sum()  # saves y, twice, one storage (4 x 16 floats)
+
+    images = torch.randn(4, 8)
+    assert efficiency.activation_bytes(Tiny(), None, images, None) == 4 * 8 * 4 + 4 * 16 * 4
+
+
+def test_mass_on_averages_attention_mass_over_length_groups(tmp_path):
+    data_dir = write_tiny_dataset(tmp_path / "data", n_val=6)
+    torch.manual_seed(0)
+    model = casa.VLM(casa.Config(variant="ca_tv", n_layer=2, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2,
+                                 n_vis_embd=32, image_size=16, patch_size=8)).eval()
+    from data.loader import Dataset
+    data = Dataset(data_dir, "val", 16)
+    got = attention.mass_on(model, data, n_samples=6)
+    groups = {}
+    for s in data.samples:
+        groups.setdefault(len(s.ids), []).append(s)
+    assert len(groups) > 1  # the tiny set mixes lengths: the weighting matters
+    want = sum(casa.attention_mass(model, torch.tensor([s.ids for s in g]),
+                                   torch.cat([data.sample_images(s) for s in g])) * len(g) for g in groups.values()) / 6
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_memory_accuracy_scores_the_last_turn_of_each_memory_clip(tmp_path):
+    run("data/video/prepare.py", "--out", tmp_path / "video", "--n_train", 2, "--n_val", 12)
+    config = casa.Config(variant="ca", n_layer=1, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
+                         image_size=16, patch_size=8, block_size=512)
+    casa.save_checkpoint(tmp_path / "ckpt.pt", casa.VLM(config), dataset_dir=str(tmp_path / "video"))
+    got = video.memory_accuracy(str(tmp_path / "ckpt.pt"))
+    with open(tmp_path / "video" / "val.jsonl") as f:
+        clips = [json.loads(line) for line in f]
+    memory = [c for c in clips if c["task"] == "video_memory"]
+    assert got["n"] == len(memory) > 0
+    n_color = sum("color" in c["turns"][-1]["prompt"] for c in memory)
+    # the overall accuracy is the colour and shape accuracies weighted by their counts
+    assert abs(got["all"] * len(memory) - got["color"] * n_color - got["shape"] * (len(memory) - n_color)) < 1e-9
