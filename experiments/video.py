@@ -12,7 +12,8 @@ Each is trained on data/video (captions of every frame + the memory question) wi
 several seeds; reported: accuracy over every turn, and the last-turn accuracy of the memory clips
 (colour and shape questions; chance ~1/6 and 1/5).
 
-    python experiments/video.py            # 3 variants x 3 seeds, ~12 min on 2 cores
+    python experiments/video.py            # 3 variants x 3 seeds, ~14 min on 2 cores
+    python experiments/video.py --seeds=1 --max_iters=2000   # a longer budget (~25 min)
 
 Runs go to runs/video/<variant>-s<seed>/; the table to docs/results/video.md.
 """
@@ -56,17 +57,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--max_iters", type=int, default=BUDGET["max_iters"], help="another budget: runs go to runs/video-N")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
-    jobs = [(f"runs/video/{v}-s{s}", dict(variant=v, seed=s, **BUDGET)) for v in variants for s in seeds]
+    budget, root, name = BUDGET, "runs/video", "video"
+    if args.max_iters != BUDGET["max_iters"]:
+        budget = dict(BUDGET, max_iters=args.max_iters, eval_interval=args.max_iters)
+        root, name = f"runs/video-{args.max_iters}", f"video_{args.max_iters}"
+    jobs = [(f"{root}/{v}-s{s}", dict(variant=v, seed=s, **budget)) for v in variants for s in seeds]
     results = run_all(jobs, args.jobs, args.threads)
 
     rows, data = [], {}
     for v in variants:
-        recs = [results[f"runs/video/{v}-s{s}"] for s in seeds]
-        mem = [memory_accuracy(os.path.join(ROOT, f"runs/video/{v}-s{s}/ckpt.pt")) for s in seeds]
+        recs = [results[f"{root}/{v}-s{s}"] for s in seeds]
+        mem = [memory_accuracy(os.path.join(ROOT, f"{root}/{v}-s{s}/ckpt.pt")) for s in seeds]
         caption = [r["accuracy_by_task"]["video_caption"] for r in recs]
         data[v] = dict(accuracy=[r["accuracy"] for r in recs], caption=caption, memory_last=[m["all"] for m in mem],
                        memory_color=[m["color"] for m in mem], memory_shape=[m["shape"] for m in mem],
@@ -78,11 +84,11 @@ def main():
     n = mem[0]["n"]
     header = ["variant", "#KV per layer", "all turns", "caption turns", f"memory: last turn ({n} clips)",
               "memory: colour", "memory: shape"]
-    budget = ", ".join(f"{k}={v}" for k, v in BUDGET.items() if k not in ("eval_interval", "num_show"))
-    text = (f"Video memory: greedy exact-match accuracy on data/video's validation clips; {budget}; train.py "
+    settings = ", ".join(f"{k}={v}" for k, v in budget.items() if k not in ("eval_interval", "num_show"))
+    text = (f"Video memory: greedy exact-match accuracy on data/video's validation clips; {settings}; train.py "
             f"defaults otherwise (4 x 128, 16 image tokens per frame); mean ± std over seeds {args.seeds}.\n\n"
             + markdown_table(header, rows))
-    write_result("video", text, data)
+    write_result(name, text, data)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ sample.py end to end: a tiny checkpoint (casa.save_checkpoint with the keys trai
 about one image with a prompt, the validation samples with a --grid picture, and a missing --ckpt.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -17,25 +16,18 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import casa  # noqa: E402
+from conftest import write_color_dataset  # noqa: E402
 from data.loader import Dataset, answer, eval_batches  # noqa: E402
 
 torch.set_num_threads(1)
 S = 16
-COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny dataset and an untrained tiny model saved as train.py saves it."""
     d = tmp_path_factory.mktemp("sample")
-    data = d / "data"
-    (data / "images").mkdir(parents=True)
-    for split, n in (("train", 4), ("val", 6)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                c = list(COLORS)[i % 4]
-                Image.new("RGB", (20, 20), COLORS[c]).save(data / "images" / f"{split}{i}.png")
-                f.write(json.dumps({"image": f"images/{split}{i}.png", "prompt": "color?", "answer": c}) + "\n")
+    data = write_color_dataset(d / "data", n_train=4, n_val=6)
     torch.manual_seed(0)
     config = casa.Config(n_layer=1, n_embd=32, n_head=2, n_vis_layer=1, n_vis_embd=32, n_vis_head=2,
                          image_size=S, patch_size=8, block_size=64, variant="ca")

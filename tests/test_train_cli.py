@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from conftest import write_color_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -21,20 +21,11 @@ torch.set_num_threads(1)
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--n_vis_layer=1", "--n_vis_embd=32", "--n_vis_head=2",
         "--image_size=16", "--patch_size=8", "--batch_size=4", "--max_iters=6", "--eval_interval=3",
         "--eval_items=4", "--num_show=1", "--log_interval=1"]
-COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    (d / "images").mkdir()
-    for split, n in (("train", 16), ("val", 4)):
-        with open(d / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                c = list(COLORS)[i % 4]
-                Image.new("RGB", (20, 20), COLORS[c]).save(d / "images" / f"{split}{i}.png")
-                f.write(json.dumps({"image": f"images/{split}{i}.png", "prompt": "color?", "answer": c}) + "\n")
-    return str(d)
+    return str(write_color_dataset(tmp_path_factory.mktemp("data"), n_train=16, n_val=4))
 
 
 def env():
