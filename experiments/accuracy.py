@@ -17,10 +17,14 @@ is printed and written to docs/results/accuracy.md.
 import argparse
 import json
 import os
+import re
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
+from data.loader import Dataset, answer, eval_batches  # noqa: E402
 from experiments.runs import ROOT, markdown_table, mean_spread, run_all, write_result  # noqa: E402
 
 # one budget for every run: ~1 min each on one CPU thread
@@ -45,6 +49,22 @@ def curve(out_dir):
     """[(step, accuracy)] of a run's periodic and final evaluations."""
     with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
         return [(r["step"], r["accuracy"]) for r in map(json.loads, f) if "accuracy" in r]
+
+
+@torch.no_grad()
+def by_question(ckpt_path):
+    """{question: (accuracy, count, share of the most common true answer)} of a checkpoint on its
+    validation split, questions grouped by prompt with single letters ("bar c") blanked."""
+    model, ckpt = casa.load_checkpoint(ckpt_path)
+    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size, blind=ckpt["train_args"]["blind"])
+    right, truths = {}, {}
+    for idx, images, chunk in eval_batches(data.eval_items(), 128):
+        for it, pred in zip(chunk, answer(model.eval(), idx, images, data.tokenizer, data.max_answer_len() + 4)):
+            q = re.sub(r"\b[a-z]\b", "_", it["prompt"].replace(casa.IMAGE, "").strip())
+            right.setdefault(q, []).append(pred.strip() == it["truth"].strip())
+            truths.setdefault(q, []).append(it["truth"])
+    return {q: (sum(r) / len(r), len(r), max(map(truths[q].count, set(truths[q]))) / len(r))
+            for q, r in sorted(right.items())}
 
 
 def main():
@@ -80,8 +100,9 @@ def main():
     rows.append(["chance"] + [CHANCE.get(t, "") for t in tasks] + [""] * len(tasks))
     settings = ", ".join(f"{k}={v}" for k, v in budget.items() if k not in ("eval_interval", "num_show"))
     wall = sum(r["wall_s"] for r in results.values() if "wall_s" in r)
+    over = f"mean ± std over seeds {args.seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
     text = (f"Accuracy (greedy exact match on all validation answers) and validation loss (answer tokens), "
-            f"mean ± std over seeds {args.seeds}; {settings}; train.py defaults otherwise "
+            f"{over}; {settings}; train.py defaults otherwise "
             f"(4 layers x 128, 32x32 images, 16 image tokens). {len(results)} runs, {wall / 60:.0f} min of "
             f"run time in total.\n\n" + markdown_table(header, rows))
     if budget is not BUDGET:  # the learning curves: accuracy at each evaluation, mean over seeds
@@ -93,8 +114,16 @@ def main():
                 curve_rows.append([task, model] + [f"{sum(col) / len(col):.3f}" for col in zip(*accs)])
                 data[model][task]["curve"] = accs
         text += ("\n\nAccuracy along the way (periodic evaluations on the first 400 validation answers, the "
-                 "last one on all), mean over seeds:\n\n" + markdown_table(["task", "model"] + [f"step {st}" for st in steps],
-                                                                          curve_rows))
+                 f"last one on all){', mean over seeds' if len(seeds) > 1 else ''}:\n\n"
+                 + markdown_table(["task", "model"] + [f"step {st}" for st in steps], curve_rows))
+        # per question, seed 1's final models, against always giving the most common true answer
+        q_rows = []
+        for task in tasks:
+            for model in models:
+                for q, (acc, n, majority) in by_question(os.path.join(ROOT, f"{root}/{task}/{model}-s{seeds[0]}/ckpt.pt")).items():
+                    q_rows.append([task, model, q, n, f"{acc:.3f}", f"{majority:.3f}"])
+        text += (f"\n\nBy question (seed {seeds[0]}'s final models; single letters in the prompt shown as _):\n\n"
+                 + markdown_table(["task", "model", "question", "answers", "accuracy", "most common answer's share"], q_rows))
     write_result(name, text, data)
 
 
