@@ -4,7 +4,7 @@ same budget on the coarse task (shapes) and the two fine-grained ones (text read
 several seeds each. Reports greedy exact-match accuracy and the validation loss on answer tokens
 (the loss still moves when a hard task's exact-match accuracy is near zero).
 
-    python experiments/accuracy.py                        # 3 tasks x 7 models x 3 seeds, ~33 min on 2 cores
+    python experiments/accuracy.py                        # 3 tasks x 7 models x 3 seeds, ~30 min on 2 cores
     python experiments/accuracy.py --tasks=shapes --seeds=1   # one column, one seed
     python experiments/accuracy.py --tasks=text,charts --models=ca,ca_tv,insertion,blind --seeds=1 --max_iters=3000
                                                           # a longer budget, with learning curves

@@ -9,7 +9,7 @@ block's self-attention, and trains with the backbone frozen, for the same step b
 
 and compares with the insertion model it started from and with CA trained from scratch.
 
-    python experiments/adaptation.py                 # shapes, 3 seeds: ~5 min on 2 cores (after accuracy.py)
+    python experiments/adaptation.py                 # shapes, 3 seeds: ~2.5 min on 2 cores (after accuracy.py)
     python experiments/adaptation.py --tasks=shapes,charts
 
 Runs go to runs/adaptation/<task>/<setting>-s<seed>/; the table to docs/results/adaptation.md.

@@ -12,8 +12,8 @@ Each is trained on data/video (captions of every frame + the memory question) wi
 several seeds; reported: accuracy over every turn, and the last-turn accuracy of the memory clips
 (colour and shape questions; chance ~1/6 and 1/5).
 
-    python experiments/video.py            # 3 variants x 3 seeds, ~14 min on 2 cores
-    python experiments/video.py --seeds=1 --max_iters=2000   # a longer budget (~25 min)
+    python experiments/video.py            # 3 variants x 3 seeds, ~15 min on 2 cores
+    python experiments/video.py --seeds=1 --max_iters=2000   # a longer budget (~27 min)
 
 Runs go to runs/video/<variant>-s<seed>/; the table to docs/results/video.md.
 """
