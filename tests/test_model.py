@@ -455,6 +455,18 @@ def expect_growth(model, growth, T, B):
         assert growth == B * n_sa * T * per_entry
 
 
+def check_turns(model, cache, one_turn, turns, T, B):
+    """Run one_turn() `turns` times; after each, the cache matches the formula, and from the second
+    on it has grown by exactly one turn's entries."""
+    prev = None
+    for turn in range(1, turns + 1):
+        one_turn()
+        nbytes = check_cache(model, cache, turn, T, B)
+        if prev is not None:
+            expect_growth(model, nbytes - prev, T, B)
+        prev = nbytes
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cache_size_after_turns_matches_formula(variant):
     model = make_model(variant)
@@ -462,15 +474,13 @@ def test_cache_size_after_turns_matches_formula(variant):
     g = torch.Generator().manual_seed(3)
     cache = model.new_cache(B)
     assert cache.nbytes() == 0
-    prev = None
-    with torch.no_grad():
-        for turn in range(1, 5):
-            idx = torch.cat([torch.full((B, 1), IMAGE_ID), torch.randint(0, 256, (B, T - 1), generator=g)], 1)
-            model(idx, torch.rand(B, 3, S, S, generator=g), cache=cache)
-            nbytes = check_cache(model, cache, turn, T, B)
-            if prev is not None:
-                expect_growth(model, nbytes - prev, T, B)
-            prev = nbytes
+
+    @torch.no_grad()
+    def one_turn():
+        idx = torch.cat([torch.full((B, 1), IMAGE_ID), torch.randint(0, 256, (B, T - 1), generator=g)], 1)
+        model(idx, torch.rand(B, 3, S, S, generator=g), cache=cache)
+
+    check_turns(model, cache, one_turn, 4, T, B)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -480,16 +490,14 @@ def test_cache_size_after_generate_turns_matches_formula(variant):
     T = P + new  # every generated token is fed back into the cache
     g = torch.Generator().manual_seed(4)
     cache = model.new_cache(B)
-    prev = None
-    for turn in range(1, 4):
+
+    def one_turn():
         prompt = torch.tensor([[IMAGE_ID] + rand_text(P - 1, g)])
         out = model.generate(prompt, torch.rand(1, 3, S, S, generator=g), max_new_tokens=new, temperature=0,
                              cache=cache)
         assert out.shape == (1, T)
-        nbytes = check_cache(model, cache, turn, T, B)
-        if prev is not None:
-            expect_growth(model, nbytes - prev, T, B)
-        prev = nbytes
+
+    check_turns(model, cache, one_turn, 3, T, B)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
