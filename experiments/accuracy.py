@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
 from data.loader import Dataset, answer, eval_batches  # noqa: E402
-from experiments.runs import ROOT, markdown_table, mean_spread, run_all, write_result  # noqa: E402
+from experiments.runs import ROOT, is_default, markdown_table, mean_spread, run_all, write_result  # noqa: E402
 
 # one budget for every run: ~1 min each on one CPU thread
 BUDGET = dict(max_iters=400, batch_size=32, learning_rate=3e-3, eval_interval=400, num_show=0)
@@ -75,7 +75,7 @@ def main():
     parser.add_argument("--models", default=",".join([*(v for v in casa.VARIANTS if v != "ca_all"), "blind"]))
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--max_iters", type=int, default=BUDGET["max_iters"],
-                        help="another budget: runs go to runs/accuracy-N, with 6 evaluations along the way")
+                        help="another budget: runs go to runs/accuracy-N, evaluated every N/6 steps along the way")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -124,7 +124,7 @@ def main():
                     q_rows.append([task, model, q, n, f"{acc:.3f}", f"{majority:.3f}"])
         text += (f"\n\nBy question (seed {seeds[0]}'s final models; single letters in the prompt shown as _):\n\n"
                  + markdown_table(["task", "model", "question", "answers", "accuracy", "most common answer's share"], q_rows))
-    write_result(name, text, data)
+    write_result(name, text, data, published=is_default(parser, args))
 
 
 if __name__ == "__main__":

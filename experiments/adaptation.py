@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.accuracy import BUDGET, jobs_for  # noqa: E402
-from experiments.runs import markdown_table, mean_spread, run_all, write_result  # noqa: E402
+from experiments.runs import is_default, markdown_table, mean_spread, run_all, write_result  # noqa: E402
 
 SETTINGS = {  # row name -> --freeze
     "adapted: CA + last vision block": "vision_but_last,text",
@@ -66,7 +66,7 @@ def main():
     text = (f"Adaptation: insertion -> ca with the backbone frozen, {BUDGET['max_iters']} steps (lr_new 1e-3 for "
             f"the CA layers, lr_pretrained 1e-4 for the last vision block), the same budget as the models "
             f"trained from scratch; mean ± std over seeds {args.seeds}.\n\n" + markdown_table(header, rows))
-    write_result("adaptation", text, data)
+    write_result("adaptation", text, data, published=is_default(parser, args))
 
 
 if __name__ == "__main__":

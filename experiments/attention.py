@@ -7,11 +7,11 @@ experiments/accuracy.py and, for comparison, the same models untrained.
 The v1 paper's "implicit gating": because the text keys compete in the same softmax, a layer can
 turn the image down (give its attention to text) without any explicit gate.
 
-    python experiments/attention.py                 # shapes models, seeds 1-3: ~20 s
+    python experiments/attention.py                 # shapes models, seeds 1-3: ~10 s
     python experiments/attention.py --task=charts
 
 Draws docs/attention.png (trained, mean over seeds; untrained for reference) and writes the numbers
-to docs/results/attention.md.
+to docs/results/attention.md (other settings: runs/results/, unless --out is given).
 """
 
 import argparse
@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
 from data.loader import Dataset  # noqa: E402
-from experiments.runs import ROOT, markdown_table, write_result  # noqa: E402
+from experiments.runs import ROOT, is_default, markdown_table, write_result  # noqa: E402
 
 MODELS = ["ca_tv", "insertion"]
 
@@ -105,13 +105,16 @@ def main():
     sheet = Image.new("RGB", (2 * w, h * len(MODELS)), "white")
     for i, p in enumerate(panels):
         sheet.paste(p, ((i % 2) * w, (i // 2) * h))
-    sheet.save(os.path.join(ROOT, args.out))
-    print(f"wrote {args.out}")
+    published = is_default(parser, args)
+    out = args.out if published or args.out != parser.get_default("out") else "runs/results/attention.png"
+    os.makedirs(os.path.dirname(os.path.join(ROOT, out)), exist_ok=True)
+    sheet.save(os.path.join(ROOT, out))
+    print(f"wrote {out}")
     header = ["model", "layer", "untrained", "trained (mean ± std over seeds)", "trained, range over heads"]
     text = (f"Share of text-token attention on image keys, in the layers where text and image keys share a "
             f"softmax (casa.attention_mass), {args.task} validation samples (first {args.samples}, answers "
             f"included), head-averaged per layer; seeds {args.seeds}.\n\n" + markdown_table(header, rows))
-    write_result("attention", text, data)
+    write_result("attention", text, data, published=published)
 
 
 if __name__ == "__main__":

@@ -83,14 +83,23 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
-def write_result(name, text, data=None):
-    """Print a result table and keep it under docs/results/ (markdown, plus the raw numbers as JSON)."""
+def is_default(parser, args):
+    """True when every argument has its default value: only then does a script's table replace the
+    published one in docs/results/."""
+    return all(getattr(args, a.dest) == a.default for a in parser._actions if a.dest != "help")
+
+
+def write_result(name, text, data=None, published=True):
+    """Print a result table and keep it (markdown, plus the raw numbers as JSON): under docs/results/
+    for the default run of a script (the README's tables), under runs/results/ for any other
+    settings, so that a partial or custom rerun never overwrites the published numbers."""
     print("\n" + text)
-    folder = os.path.join(ROOT, "docs", "results")
+    where = "docs/results" if published else "runs/results"
+    folder = os.path.join(ROOT, where)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write(text + "\n")
     if data is not None:
         with open(os.path.join(folder, f"{name}.json"), "w") as f:
             json.dump(data, f, indent=1)
-    print(f"\n(written to docs/results/{name}.md)")
+    print(f"\n(written to {where}/{name}.md)")

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
 from data.loader import Dataset, answer, eval_batches  # noqa: E402
-from experiments.runs import ROOT, markdown_table, mean_spread, run_all, write_result  # noqa: E402
+from experiments.runs import ROOT, is_default, markdown_table, mean_spread, run_all, write_result  # noqa: E402
 
 BUDGET = dict(dataset="video", max_iters=400, batch_size=8, learning_rate=3e-3, eval_interval=400, num_show=0)
 VARIANTS = ["ca", "ca_all", "insertion"]
@@ -76,19 +76,20 @@ def main():
         caption = [r["accuracy_by_task"]["video_caption"] for r in recs]
         data[v] = dict(accuracy=[r["accuracy"] for r in recs], caption=caption, memory_last=[m["all"] for m in mem],
                        memory_color=[m["color"] for m in mem], memory_shape=[m["shape"] for m in mem],
-                       wall_s=[r.get("wall_s") for r in recs])
+                       val_loss=[r["val_loss"] for r in recs], wall_s=[r.get("wall_s") for r in recs])
         config = casa.Config(variant=v)
         rows.append([v, casa.kv_formula(config), mean_spread(data[v]["accuracy"]), mean_spread(caption),
                      mean_spread(data[v]["memory_last"]), mean_spread(data[v]["memory_color"]),
-                     mean_spread(data[v]["memory_shape"])])
+                     mean_spread(data[v]["memory_shape"]), mean_spread(data[v]["val_loss"])])
     n = mem[0]["n"]
     header = ["variant", "#KV per layer", "all turns", "caption turns", f"memory: last turn ({n} clips)",
-              "memory: colour", "memory: shape"]
+              "memory: colour", "memory: shape", "val loss"]
     settings = ", ".join(f"{k}={v}" for k, v in budget.items() if k not in ("eval_interval", "num_show"))
     text = (f"Video memory: greedy exact-match accuracy on data/video's validation clips; {settings}; train.py "
-            f"defaults otherwise (4 x 128, 16 image tokens per frame); mean ± std over seeds {args.seeds}.\n\n"
+            f"defaults otherwise (4 x 128, 16 image tokens per frame); "
+            f"{'mean ± std over seeds ' + args.seeds if len(seeds) > 1 else 'seed ' + args.seeds}.\n\n"
             + markdown_table(header, rows))
-    write_result(name, text, data)
+    write_result(name, text, data, published=is_default(parser, args))
 
 
 if __name__ == "__main__":
