@@ -103,3 +103,13 @@ def test_memory_accuracy_scores_the_last_turn_of_each_memory_clip(tmp_path):
     n_color = sum("color" in c["turns"][-1]["prompt"] for c in memory)
     # the overall accuracy is the colour and shape accuracies weighted by their counts
     assert abs(got["all"] * len(memory) - got["color"] * n_color - got["shape"] * (len(memory) - n_color)) < 1e-9
+
+
+def test_only_a_default_run_counts_as_published():
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", default="shapes,text")
+    parser.add_argument("--seeds", default="1,2,3")
+    assert runs.is_default(parser, parser.parse_args([]))
+    assert runs.is_default(parser, parser.parse_args(["--seeds=1,2,3"]))  # spelled out, still the default
+    assert not runs.is_default(parser, parser.parse_args(["--tasks=shapes"]))
