@@ -20,12 +20,9 @@ import os
 import re
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
-from data.loader import Dataset, answer, eval_batches  # noqa: E402
-from experiments.runs import ROOT, is_default, markdown_table, mean_spread, run_all, write_result  # noqa: E402
+from experiments.runs import ROOT, is_default, markdown_table, mean_spread, predictions, run_all, write_result  # noqa: E402
 
 # one budget for every run: ~1 min each on one CPU thread
 BUDGET = dict(max_iters=400, batch_size=32, learning_rate=3e-3, eval_interval=400, num_show=0)
@@ -51,18 +48,14 @@ def curve(out_dir):
         return [(r["step"], r["accuracy"]) for r in map(json.loads, f) if "accuracy" in r]
 
 
-@torch.no_grad()
 def by_question(ckpt_path):
     """{question: (accuracy, count, share of the most common true answer)} of a checkpoint on its
     validation split, questions grouped by prompt with single letters ("bar c") blanked."""
-    model, ckpt = casa.load_checkpoint(ckpt_path)
-    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size, blind=ckpt["train_args"]["blind"])
     right, truths = {}, {}
-    for idx, images, chunk in eval_batches(data.eval_items(), 128):
-        for it, pred in zip(chunk, answer(model.eval(), idx, images, data.tokenizer, data.max_answer_len() + 4)):
-            q = re.sub(r"\b[a-z]\b", "_", it["prompt"].replace(casa.IMAGE, "").strip())
-            right.setdefault(q, []).append(pred.strip() == it["truth"].strip())
-            truths.setdefault(q, []).append(it["truth"])
+    for it, pred in predictions(ckpt_path):
+        q = re.sub(r"\b[a-z]\b", "_", it["prompt"].replace(casa.IMAGE, "").strip())
+        right.setdefault(q, []).append(pred.strip() == it["truth"].strip())
+        truths.setdefault(q, []).append(it["truth"])
     return {q: (sum(r) / len(r), len(r), max(map(truths[q].count, set(truths[q]))) / len(r))
             for q, r in sorted(right.items())}
 

@@ -107,6 +107,9 @@ def main():
     torch.set_num_threads(args.threads)
     device = stream.pick_device(args.device)
     variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in casa.VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(casa.VARIANTS)}")
     model_args = dict(n_layer=4, n_head=4, n_embd=128, image_size=32, patch_size=args.patch_size,
                       n_vis_layer=2, n_vis_head=4, n_vis_embd=128)
     data = Dataset(resolve_dataset("shapes"), "train", 32)

@@ -13,7 +13,12 @@ import subprocess
 import sys
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import casa  # noqa: E402
+from data.loader import Dataset, answer, eval_batches  # noqa: E402
 
 
 def train_command(out_dir, settings):
@@ -68,6 +73,20 @@ def run_all(jobs, parallel=2, threads=1):
             print(f"  done {out_dir}: accuracy {record['accuracy']:.3f}, val_loss {record['val_loss']:.4f} "
                   f"({time.time() - t0:.0f} s; {done} finished, {time.time() - t_start:.0f} s so far)", flush=True)
     return {d: final_record(d) for d, _ in jobs}
+
+
+@torch.no_grad()
+def predictions(ckpt_path, keep=lambda item, data: True):
+    """Greedy answers of a checkpoint on its validation split (blank images if it was trained blind):
+    [(eval item, answer string)] for the items `keep(item, data)` selects, in eval_batches' order."""
+    model, ckpt = casa.load_checkpoint(ckpt_path)
+    blind = ckpt.get("train_args", {}).get("blind", False)
+    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size, blind=blind)
+    items = [it for it in data.eval_items() if keep(it, data)]
+    out = []
+    for idx, images, chunk in eval_batches(items, 128):
+        out += zip(chunk, answer(model.eval(), idx, images, data.tokenizer, data.max_answer_len() + 4))
+    return out
 
 
 def mean_spread(xs, digits=3):

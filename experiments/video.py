@@ -22,32 +22,24 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
-from data.loader import Dataset, answer, eval_batches  # noqa: E402
-from experiments.runs import ROOT, is_default, markdown_table, mean_spread, run_all, write_result  # noqa: E402
+from experiments.runs import ROOT, is_default, markdown_table, mean_spread, predictions, run_all, write_result  # noqa: E402
 
 BUDGET = dict(dataset="video", max_iters=400, batch_size=8, learning_rate=3e-3, eval_interval=400, num_show=0)
 VARIANTS = ["ca", "ca_all", "insertion"]
 
 
-@torch.no_grad()
 def memory_accuracy(ckpt_path):
     """Greedy exact-match accuracy on the last turn of every video_memory clip of the validation
     split: {"all": acc, "color": acc, "shape": acc, "n": count}."""
-    model, ckpt = casa.load_checkpoint(ckpt_path)
-    model.eval()
-    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
-    items = [it for it in data.eval_items()
-             if it["task"] == "video_memory" and it["turn"] == len(data.samples[it["sample"]].turns) - 1]
+    def last_memory_turn(it, data):
+        return it["task"] == "video_memory" and it["turn"] == len(data.samples[it["sample"]].turns) - 1
+
     right = {"color": [], "shape": []}
-    for idx, images, chunk in eval_batches(items, 64):
-        preds = answer(model, idx, images, data.tokenizer, data.max_answer_len() + 4)
-        for it, pred in zip(chunk, preds):
-            kind = "color" if "color" in it["prompt"] else "shape"
-            right[kind].append(pred.strip() == it["truth"].strip())
+    for it, pred in predictions(ckpt_path, keep=last_memory_turn):
+        kind = "color" if "color" in it["prompt"] else "shape"
+        right[kind].append(pred.strip() == it["truth"].strip())
     every = right["color"] + right["shape"]
     return {"all": sum(every) / len(every), "n": len(every),
             **{k: sum(v) / max(1, len(v)) for k, v in right.items()}}

@@ -46,7 +46,10 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    folder = resolve_dataset(args.dataset)
+    try:
+        folder = resolve_dataset(args.dataset)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     x, answers = load_question(folder, "train", args.question, args.image_size)
     xv, answers_v = load_question(folder, "val", args.question, args.image_size)
     classes = sorted(set(answers))
