@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import casa
-from data.loader import Dataset, answer, eval_batches, resolve_dataset, text_tokens
+from data.loader import Dataset, answer, eval_batches, resolve_dataset, score, text_tokens
 
 # -----------------------------------------------------------------------------
 # settings; every one can be overridden on the command line as --name=value
@@ -60,7 +60,7 @@ dropout = 0.0
 batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
 max_iters = 1500
-learning_rate = 3e-3  # training from scratch
+learning_rate = 3e-4  # training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
 lr_new = 1e-3  # adaptation (init_from): parameters that are new (CA layers)...
 lr_pretrained = 1e-4  # ...and those copied from the checkpoint (the paper: 1e-4 and 1e-5 at 2-3B scale)
 warmup_iters = 100
@@ -72,7 +72,7 @@ beta2 = 0.99
 grad_clip = 1.0  # 0: off
 # evaluation and logging
 eval_interval = 500  # also writes a checkpoint
-eval_items = 400  # answers generated per periodic eval (0: all); the final eval uses all
+eval_items = 400  # validation (and training) samples scored per periodic eval (0: all); the final eval uses all
 eval_batch_size = 128
 log_interval = 10
 num_show = 6  # validation samples printed at the end
@@ -394,36 +394,56 @@ def measure_peak_flops():
     return 2 * n**3 * reps / (time.time() - t)
 
 
-@torch.no_grad()
-def evaluate(limit=None, keep=0):
-    """Validation loss (answer tokens) and greedy exact-match accuracy on up to `limit` answers.
-    Returns (metrics dict, the first `keep` (item, prediction) pairs per task)."""
+def evaluate(limit=None):
+    """What the model has learned, on the first `limit` validation samples (all when None) and as many
+    training samples: answer-token loss and exact-match accuracy (score() in data/loader.py: the answers
+    greedy decoding gets right), per task and per question kind, and the image-use check: validation
+    accuracy with every image swapped for another one of its batch. A model that reads its images
+    loses accuracy when they are shuffled; one that answers from the question alone (the blind
+    plateau) does not."""
     raw_model.eval()
-    loss_sum = n_tok = 0.0
-    for idx, targets, images in val_data.iter_batches(eval_batch_size, limit=limit):
-        idx, targets = idx.to(device), targets.to(device)
-        with autocast:
-            _, loss = raw_model(idx, None if images is None else images.to(device), targets)
-        n = int((targets != -1).sum())
-        loss_sum, n_tok = loss_sum + loss.item() * n, n_tok + n
-    items = val_data.eval_items(limit)
-    max_new = val_data.max_answer_len() + 4
-    right, total, shown = {}, {}, {}
+    common = dict(batch_size=eval_batch_size, limit=limit, device=device, autocast=autocast)
+    val_loss, right = score(raw_model, val_data, **common)
+    _, right_shuffled = score(raw_model, val_data, shuffle=True, **common)
+    # as many training samples as validation ones: a gap between the two is overfitting
+    train_loss, right_train = score(raw_model, train_data, **dict(common, limit=limit or len(val_data)))
+    raw_model.train()
+
+    def accuracy(right, group=None):  # group: answer (sample, turn) -> its group; None: all
+        groups = {}
+        for (i, t), ok in right.items():
+            groups.setdefault(group(i, t) if group else "all", []).append(ok)
+        acc = {g: sum(oks) / len(oks) for g, oks in sorted(groups.items())}
+        return acc if group else acc.get("all", 0.0)
+
+    m = {"val_loss": val_loss, "train_loss": train_loss, "accuracy": accuracy(right),
+         "train_accuracy": accuracy(right_train), "shuffled_accuracy": accuracy(right_shuffled),
+         "n_answers": len(right), "accuracy_by_kind": accuracy(right, lambda i, t: val_data.turn_kinds[i][t])}
+    if len(val_data.tasks) > 1:
+        m["accuracy_by_task"] = accuracy(right, lambda i, t: val_data.samples[i].task)
+    return m
+
+
+@torch.no_grad()
+def show_samples(n):
+    """Print about n validation answers, generated greedily (as sample.py does), spread over the
+    question kinds."""
+    by_kind = {}
+    for it in val_data.eval_items():
+        by_kind.setdefault(val_data.turn_kinds[it["sample"]][it["turn"]], []).append(it)
+    per_kind = max(1, n // len(by_kind))
+    items = [it for its in by_kind.values() for it in its[:per_kind]][:max(n, len(by_kind))]
+    raw_model.eval()
+    print("validation samples:")
     for idx, images, chunk in eval_batches(items, eval_batch_size):
         with autocast:
-            preds = answer(raw_model, idx.to(device), None if images is None else images.to(device), tokenizer, max_new)
+            preds = answer(raw_model, idx.to(device), None if images is None else images.to(device), tokenizer,
+                           val_data.max_answer_len() + 4)
         for it, pred in zip(chunk, preds):
-            t = it["task"]
-            total[t] = total.get(t, 0) + 1
-            right[t] = right.get(t, 0) + (pred.strip() == it["truth"].strip())
-            if len(shown.setdefault(t, [])) < keep:
-                shown[t].append((it, pred))
+            ok = "ok " if pred.strip() == it["truth"].strip() else "BAD"
+            prompt = it["prompt"].replace(casa.IMAGE, "<img>")
+            print(f"  [{ok}] {it['task'] + ': ' if it['task'] else ''}{prompt!r} truth={it['truth']!r} pred={pred!r}")
     raw_model.train()
-    metrics = {"val_loss": loss_sum / max(n_tok, 1), "accuracy": sum(right.values()) / max(sum(total.values()), 1),
-               "n_answers": sum(total.values())}
-    if len(total) > 1:
-        metrics["accuracy_by_task"] = {t: right[t] / total[t] for t in sorted(total)}
-    return metrics, shown
 
 
 def write_log(record):
@@ -454,9 +474,10 @@ def save(step):
 
 
 def format_metrics(m):
-    s = f"val_loss={m['val_loss']:.4f} accuracy={m['accuracy']:.4f}"
-    if "accuracy_by_task" in m:
-        s += " (" + ", ".join(f"{t}={a:.3f}" for t, a in m["accuracy_by_task"].items()) + ")"
+    s = (f"val_loss={m['val_loss']:.4f} accuracy={m['accuracy']:.4f} (train {m['train_accuracy']:.3f}, "
+         f"images shuffled {m['shuffled_accuracy']:.3f})")
+    if len(m["accuracy_by_kind"]) > 1:
+        s += " | " + ", ".join(f"{k}: {a:.3f}" for k, a in m["accuracy_by_kind"].items())
     return s
 
 
@@ -519,8 +540,8 @@ while step < max_iters:
         t_last, tokens_since = time.time(), 0
     if step % eval_interval == 0 and step < max_iters:
         if master:
-            m, _ = evaluate(eval_items or None)
-            bar.write(f"step {step}: train_loss={loss_accum:.4f} {format_metrics(m)}")
+            m = evaluate(eval_items or None)
+            bar.write(f"step {step}: train_loss={m['train_loss']:.4f} {format_metrics(m)}")
             write_log({"step": step, **m})
         save(step)
         t_last = time.time()  # evaluation time is not training time
@@ -533,13 +554,9 @@ if stop_requested:
     log(f"stopped at step {step}; checkpoint {ckpt_path} written. Continue with: python train.py --resume=True "
         f"--out_dir={out_dir}")
 elif master:
-    m, shown = evaluate(None, keep=max(1, num_show // max(1, len(val_data.tasks))))
-    print("validation samples:")
-    for pairs in shown.values():
-        for it, pred in pairs[: max(1, num_show // len(shown))]:
-            ok = "ok " if pred.strip() == it["truth"].strip() else "BAD"
-            prompt = it["prompt"].replace(casa.IMAGE, "<img>")
-            print(f"  [{ok}] {it['task'] + ': ' if it['task'] else ''}{prompt!r} truth={it['truth']!r} pred={pred!r}")
+    m = evaluate(None)
+    if num_show:
+        show_samples(num_show)
     line = f"final: {format_metrics(m)} ({m['n_answers']} answers, step {step})"
     print(line)
     write_log({"step": step, "final": True, **m, "summary": line, "wall_s": round(time.time() - t_start, 1)})

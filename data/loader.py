@@ -24,6 +24,7 @@ mid-word); train.py's default block_size=0 fits the longest sample.
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -191,6 +192,7 @@ class Dataset:
         self.image_id = self.tokenizer.encode(casa.IMAGE, allowed_special="all")[0]
         self.samples = [tokenize(s, self.tokenizer) for s in read_split(folder, split)]
         self.tasks = sorted({s.task for s in self.samples})
+        self.turn_kinds = turn_kinds(self.samples)  # per sample, per turn: "task: question kind"
         self._images = {}  # path -> (3, S, S) float in [0, 1]
         if not blind:  # decode everything now: errors early, batches fast
             for s in self.samples:
@@ -283,6 +285,78 @@ class Dataset:
                 if limit is not None and len(items) >= limit:
                     return items
         return items
+
+
+# -----------------------------------------------------------------------------
+# Scoring: exact match in one forward pass, per question kind, with and without the right images
+
+MAX_KINDS = 12  # more distinct questions than this in a task: group them by their first two words
+
+
+def question_kind(prompt):
+    """What a prompt asks, for per-question accuracy: the prompt without its <|image|> markers,
+    numbers and single letters blanked ("what is the value of bar _?"). A turn whose prompt is just
+    a marker (a video frame) has the kind ""."""
+    text = prompt.replace(casa.IMAGE, " ").strip().lower()
+    text = re.sub(r"\b([a-z]|\d+)\b", "_", text)
+    return " ".join(text.split())
+
+
+def turn_kinds(samples):
+    """Per sample, per turn: "task: kind" (or just the task, or just the kind). A task with more than
+    MAX_KINDS distinct questions (free-form VQA) is grouped by the first two words instead."""
+    kinds = {}
+    for s in samples:
+        kinds.setdefault(s.task, set()).update(question_kind(p) for p, _ in s.turns)
+    short = {task for task, ks in kinds.items() if len(ks) > MAX_KINDS}
+    out = []
+    for s in samples:
+        labels = []
+        for prompt, _ in s.turns:
+            kind = question_kind(prompt)
+            if s.task in short:
+                kind = " ".join(kind.split()[:2])
+            labels.append(": ".join(x for x in (s.task, kind) if x) or "all")
+        out.append(labels)
+    return out
+
+
+def shuffle_images(images, generator):
+    """images (M, ...) reordered so that none stays where it was (M > 1): one random cycle."""
+    perm = torch.randperm(images.size(0), generator=generator)  # position perm[i] gets image perm[i+1]
+    return images[perm.roll(-1)[torch.argsort(perm)]]
+
+
+@torch.no_grad()
+def score(model, data, batch_size, limit=None, shuffle=False, device="cpu", autocast=None):
+    """Exact match and loss of every answer of the first `limit` samples of `data`, in one forward
+    pass per batch (teacher forcing). An answer counts as right when each of its tokens and its
+    <|endoftext|> is the model's top choice given the true text before it: exactly the answers that
+    greedy decoding (answer(), sample.py) reproduces, found without generating.
+    shuffle: give every <|image|> marker another image of its batch (the image-use check: a model
+    that ignores its images scores the same with them shuffled).
+    Returns (mean loss per answer token, {(sample index, turn index): right})."""
+    import contextlib
+
+    autocast = autocast or contextlib.nullcontext()
+    n = len(data) if limit is None else min(limit, len(data))
+    gen = torch.Generator().manual_seed(0)  # the same shuffle at every evaluation
+    loss_sum, n_tok, right = 0.0, 0, {}
+    for start in range(0, n, batch_size):
+        rows = list(range(start, min(start + batch_size, n)))
+        idx, targets, images = data.batch(rows)
+        if shuffle and images is not None and images.size(0) > 1:
+            images = shuffle_images(images, gen)
+        idx, targets = idx.to(device), targets.to(device)
+        with autocast:
+            logits, loss = model(idx, None if images is None else images.to(device), targets)
+        has = targets != -1
+        loss_sum, n_tok = loss_sum + loss.item() * int(has.sum()), n_tok + int(has.sum())
+        ok = ((logits.argmax(-1) == targets) | ~has).cpu()
+        for r, i in enumerate(rows):
+            for t, (_, p, end) in enumerate(data.samples[i].turns_at):
+                right[i, t] = bool(ok[r, p - 1 : end - 1].all())  # the targets of ids[p:end]
+    return loss_sum / max(n_tok, 1), right
 
 
 def eval_batches(items, batch_size):

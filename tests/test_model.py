@@ -586,7 +586,7 @@ def test_gradients_reach_vision_and_fusion(variant):
     model.zero_grad()
     loss_fn().backward()
     fusion_param = dict(model.named_parameters())["blocks.1.ca.kv.weight" if fusion else "blocks.1.sa.kv.weight"]
-    for p in (model.vision.patchify.weight, model.vision.blocks[0].qkv.weight, fusion_param):
+    for p in (model.vision.stem[0].weight, model.vision.blocks[0].qkv.weight, fusion_param):
         i = int(p.grad.abs().argmax())
         eps = 1e-6
         with torch.no_grad():
@@ -826,7 +826,7 @@ def test_streaming_generate_equals_full_forward(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_flops_formula_matches_flop_counter(variant):
     """FlopCounterMode counts matmuls (mm / addmm: every nn.Linear, the lm_head included) and
-    convolutions (the patchify) exactly, 2 per multiply-add. On CPU it does not count
+    convolutions (the vision stem) exactly, 2 per multiply-add. On CPU it does not count
     scaled_dot_product_attention at all (no formula for the CPU kernels), so:
       - 'linear' is compared exactly with the non-vision linear FLOPs;
       - 'vision' minus the encoder's attention term (4 * Cv * N^2 per vision layer: scores and
