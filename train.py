@@ -59,7 +59,7 @@ dropout = 0.0
 # optimisation
 batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
-max_iters = 1500
+max_iters = 1000
 learning_rate = 3e-4  # training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
 lr_new = 1e-3  # adaptation (init_from): parameters that are new (CA layers)...
 lr_pretrained = 1e-4  # ...and those copied from the checkpoint (the paper: 1e-4 and 1e-5 at 2-3B scale)
@@ -506,6 +506,7 @@ if not ddp:  # Ctrl-C: finish the current step, write a checkpoint, stop (a seco
 model.train()
 bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
 t_last, tokens_since = time.time(), 0
+t_loop, eval_s = time.time(), 0.0  # train_s in the log: seconds of training so far, evaluations left out
 while step < max_iters:
     frac = get_lr(step)
     for g in optimizer.param_groups:
@@ -539,15 +540,18 @@ while step < max_iters:
         write_log({"step": step, "loss": loss_accum, "lr": frac * groups[0]["base_lr"], "tok_per_s": tok_s, "mfu": mfu})
         t_last, tokens_since = time.time(), 0
     if step % eval_interval == 0 and step < max_iters:
+        t_eval = time.time()
         if master:
             m = evaluate(eval_items or None)
             bar.write(f"step {step}: train_loss={m['train_loss']:.4f} {format_metrics(m)}")
-            write_log({"step": step, **m})
+            write_log({"step": step, "train_s": round(t_eval - t_loop - eval_s, 2), **m})
         save(step)
         t_last = time.time()  # evaluation time is not training time
+        eval_s += t_last - t_eval
     if stop_requested:
         break
 bar.close()
+t_final = time.time()
 
 save(step)
 if stop_requested:
@@ -559,7 +563,8 @@ elif master:
         show_samples(num_show)
     line = f"final: {format_metrics(m)} ({m['n_answers']} answers, step {step})"
     print(line)
-    write_log({"step": step, "final": True, **m, "summary": line, "wall_s": round(time.time() - t_start, 1)})
+    write_log({"step": step, "final": True, "train_s": round(t_final - t_loop - eval_s, 2), **m, "summary": line,
+               "wall_s": round(time.time() - t_start, 1)})
 if ddp:
     dist.barrier()
     dist.destroy_process_group()

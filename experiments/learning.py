@@ -1,0 +1,112 @@
+"""
+How fast do the models learn to see? Accuracy against training time and steps, for each task and
+for `ca`, `ca_tv`, `insertion` and the blind baseline, all with train.py's recipe. Time to accuracy
+on the CPU is the number a user feels.
+
+    python experiments/learning.py                        # shapes, 4 models, one seed
+    python experiments/learning.py --tasks=shapes,charts --models=ca,insertion
+
+Every run is an ordinary train.py command (printed), evaluated every --every steps on 400
+validation answers (exact match, plus the image-shuffle check). Runs go to runs/learning/<task>/
+<model>/; the table to docs/results/learning.md, the picture to docs/learning.png (a custom run
+writes under runs/results/ and runs/learning.png instead).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.runs import ROOT, is_default, markdown_table, run_all, write_result  # noqa: E402
+
+# per task: the train.py settings that differ from its defaults (the same for every model)
+TASKS = {
+    "shapes": dict(dataset="shapes"),
+    "text": dict(dataset="text", image_size=64, patch_size=16),
+    "charts": dict(dataset="charts", image_size=64, patch_size=16),
+}
+COLORS = {"ca": (31, 119, 180), "ca_tv": (44, 160, 44), "insertion": (214, 39, 40), "blind": (127, 127, 127)}
+
+
+def curve(out_dir):
+    """[(step, training seconds, accuracy, shuffled accuracy, {kind: accuracy})] of a finished run."""
+    with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
+        return [(r["step"], r["train_s"], r["accuracy"], r["shuffled_accuracy"], r["accuracy_by_kind"])
+                for r in map(json.loads, f) if "accuracy" in r]
+
+
+def plot(curves, tasks, models, path):
+    """One panel per task: accuracy (y) against training seconds (x), one line per model."""
+    W, H, pad = 360, 240, 44
+    im = Image.new("RGB", (len(tasks) * (W + pad) + pad, H + 2 * pad + 20), "white")
+    d = ImageDraw.Draw(im)
+    for p, task in enumerate(tasks):
+        x0, y0 = pad + p * (W + pad), pad
+        t_max = max((c[-1][1] for (t, _), c in curves.items() if t == task), default=1) or 1
+        d.rectangle((x0, y0, x0 + W, y0 + H), outline=(0, 0, 0))
+        for a in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = y0 + H - a * H
+            d.line((x0, y, x0 + W, y), fill=(225, 225, 225))
+            d.text((x0 - 30, y - 5), f"{a:.2f}", fill=(0, 0, 0))
+        for s in range(0, int(t_max) + 1, max(30, int(t_max) // 4 // 30 * 30)):
+            x = x0 + s / t_max * W
+            d.text((x - 8, y0 + H + 4), f"{s}s", fill=(0, 0, 0))
+        d.text((x0, y0 - 16), f"{task}: accuracy vs training time (s)", fill=(0, 0, 0))
+        for model in models:
+            pts = [(x0 + t / t_max * W, y0 + H - a * H) for _, t, a, _, _ in curves.get((task, model), [])]
+            if len(pts) > 1:
+                d.line([(x0, y0 + H)] + pts, fill=COLORS.get(model, (0, 0, 0)), width=2)
+    for i, model in enumerate(models):  # legend
+        x = pad + i * 110
+        d.line((x, H + 2 * pad + 8, x + 20, H + 2 * pad + 8), fill=COLORS.get(model, (0, 0, 0)), width=3)
+        d.text((x + 24, H + 2 * pad + 2), model, fill=(0, 0, 0))
+    im.save(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="shapes")
+    parser.add_argument("--models", default="ca,ca_tv,insertion,blind")
+    parser.add_argument("--max_iters", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    tasks, models = args.tasks.split(","), args.models.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        sys.exit(f"error: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    jobs = []
+    for task in tasks:
+        for model in models:
+            settings = dict(TASKS[task], variant="ca" if model == "blind" else model, seed=args.seed,
+                            max_iters=args.max_iters, eval_interval=args.every, num_show=0)
+            if model == "blind":
+                settings["blind"] = True
+            jobs.append((f"runs/learning/{task}/{model}", settings))
+    run_all(jobs, args.jobs, args.threads)
+
+    curves = {(t, m): curve(f"runs/learning/{t}/{m}") for t in tasks for m in models}
+    rows = []
+    for (task, model), c in curves.items():
+        for step, t, acc, shuffled, by_kind in c:
+            rows.append([task, model, step, f"{t:.0f}", f"{acc:.3f}", f"{shuffled:.3f}",
+                         ", ".join(f"{k.split(': ', 1)[-1]} {a:.2f}" for k, a in by_kind.items())])
+    published = is_default(parser, args)
+    text = (f"Accuracy along training (exact match on the first 400 validation answers; the last row of "
+            f"each run on all of them), seed {args.seed}, {args.threads} thread(s) per run, {args.jobs} runs "
+            "at once; time is training seconds, evaluations left out; 'shuffled' is the accuracy with "
+            "every image swapped for another of its batch.\n\n"
+            + markdown_table(["task", "model", "step", "seconds", "accuracy", "shuffled", "by question"], rows))
+    write_result("learning", text, {f"{t}/{m}": c for (t, m), c in curves.items()}, published=published)
+    png = os.path.join(ROOT, "docs/learning.png" if published else "runs/learning.png")
+    plot(curves, tasks, models, png)
+    print(f"picture: {os.path.relpath(png, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
