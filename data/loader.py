@@ -126,6 +126,11 @@ def parse_line(line, folder, where):
     else:
         raise DataError(f"{where}: missing fields: need 'prompt' and 'answer' (or 'turns')")
 
+    for i, (_, answer) in enumerate(pairs):
+        if not answer.strip():  # nothing to learn or to match: a sign of a broken conversion
+            where_turn = f" in turn {i}" if "turns" in rec else ""
+            raise DataError(f"{where}: empty 'answer'{where_turn}; every turn needs an answer to train on")
+
     # images
     if "image" in rec and "images" in rec:
         raise DataError(f"{where}: give either 'image' or 'images', not both")

@@ -41,6 +41,9 @@ def folder_with(tmp_path, train_lines, val_lines=(GOOD,)):
     ({"images": ["a.png", "b.png"], "prompt": "q", "answer": "a"}, 2, r"0 <\|image\|> marker.*2 image.*one <\|image\|> marker per image"),
     ({"prompt": "<|image|> q", "answer": "a"}, 2, r"1 <\|image\|> marker.*0 image"),
     ({"image": "a.png", "prompt": "q <|answer|>", "answer": "a"}, 2, r"cannot tokenize"),
+    ({"image": "a.png", "prompt": "q", "answer": ""}, 2, r"empty 'answer'"),
+    ({"images": ["a.png"], "turns": [{"prompt": "<|image|>q", "answer": "a"}, {"prompt": "q", "answer": " "}]}, 2,
+     r"empty 'answer' in turn 1"),
 ])
 def test_format_errors_name_file_and_line(tmp_path, bad, line, pattern):
     folder = folder_with(tmp_path, [GOOD, bad, GOOD])
