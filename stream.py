@@ -4,7 +4,7 @@ KV cache; and measure why cross-attention stays flat where token insertion grows
 
 Three modes:
 
-  live captioning   python stream.py --ckpt out/ckpt.pt [--clip 0 | --frames DIR] [--fps 2]
+  live captioning   python stream.py --ckpt out/ckpt.pt [--clip 0 | --clip 0-9 | --frames DIR] [--fps 2]
       Frames of a clip (the checkpoint's dataset, val.jsonl) or a folder of images (sorted by name)
       arrive in simulated real time: frame i at i/fps seconds. Each frame is one turn,
       "<|image|><|answer|>" + the model's commentary, appended to the same cache. One line per frame:
@@ -74,8 +74,23 @@ def find_dataset(args, ckpt):
                             "video clips with: python data/video/prepare.py (or pass --frames DIR)")
 
 
-def load_frames(args, ckpt, image_size):
-    """-> (frames (K, 3, S, S), prompts [K], references [K] or None, fps, description)."""
+def clip_indices(spec, n):
+    """--clip: "3" -> [3]; "0-9" -> [0..9]; "all" -> every clip of the split (n of them)."""
+    if spec == "all":
+        return list(range(n))
+    try:
+        lo, _, hi = spec.partition("-")
+        out = list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"--clip takes an index (3), a range (0-9) or 'all', got {spec!r}") from None
+    if not out or not 0 <= out[0] <= out[-1] < n:
+        raise IndexError(f"--clip {spec} out of range: the dataset's val.jsonl has {n} clips")
+    return out
+
+
+def load_frames(args, ckpt, image_size, index=None):
+    """-> (frames (K, 3, S, S), prompts [K], references [K] or None, fps, description), of --frames
+    or of clip `index` of the dataset's val.jsonl."""
     if args.frames:
         if not os.path.isdir(args.frames):
             raise FileNotFoundError(f"--frames {args.frames}: no such folder")
@@ -87,26 +102,47 @@ def load_frames(args, ckpt, image_size):
     folder = find_dataset(args, ckpt)
     with open(os.path.join(folder, "val.jsonl"), encoding="utf-8") as f:
         clips = [json.loads(line) for line in f if line.strip()]
-    if not 0 <= args.clip < len(clips):
-        raise IndexError(f"--clip {args.clip} out of range: {folder}/val.jsonl has {len(clips)} clips")
-    clip = clips[args.clip]
+    clip = clips[index]
     frames = torch.stack([casa.load_image(os.path.join(folder, p), image_size) for p in clip["images"]])
     turns = clip.get("turns", [])
     refs = [t["answer"] for t in turns] if len(turns) == len(frames) else None
     prompts = [t["prompt"] for t in turns] if args.clip_prompts and refs else [args.prompt] * len(frames)
-    desc = f"{folder}/val.jsonl clip {args.clip} ({clip.get('task', '?')})"
+    desc = f"{folder}/val.jsonl clip {index} ({clip.get('task', '?')})"
     return frames, prompts, refs, args.fps or clip.get("fps", 2.0), desc
+
+
+def count_clips(args, ckpt):
+    with open(os.path.join(find_dataset(args, ckpt), "val.jsonl"), encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
 
 
 @torch.inference_mode()
 def live(args):
+    """Live captioning of --frames, or of one or several validation clips (--clip 3, 0-9, all), each
+    clip its own stream with a fresh cache. Returns the delay of every frame (seconds)."""
     device = pick_device(args.device)
     model, ckpt = casa.load_checkpoint(args.ckpt, device=device)
     model.eval()
     tokenizer = saved_settings(ckpt).get("tokenizer", "bytes")
     tok = casa.get_tokenizer(tokenizer if isinstance(tokenizer, str) else "bytes")
+    indices = [None] if args.frames else clip_indices(str(args.clip), count_clips(args, ckpt))
+    delays, right = [], []
+    for index in indices:
+        frames, prompts, refs, fps, desc = load_frames(args, ckpt, model.config.image_size, index)
+        d, r = live_stream(args, model, tok, device, frames, prompts, refs, fps, desc)
+        delays += d
+        right += r
+    if len(indices) > 1:
+        print(f"all {len(indices)} clips: {len(delays)} frames; delay mean {sum(delays) / len(delays):+.3f}s, "
+              f"max {max(delays):+.3f}s" + (f"; exactly right {sum(right)}/{len(right)} ({sum(right) / len(right):.3f})"
+                                             if right else ""))
+    return delays
+
+
+def live_stream(args, model, tok, device, frames, prompts, refs, fps, desc):
+    """One stream: frame i arrives at i/fps seconds; its turn, prompt + the model's commentary, goes
+    into one cache. Returns (delays, [right] per frame when there are references)."""
     stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
-    frames, prompts, refs, fps, desc = load_frames(args, ckpt, model.config.image_size)
     for p in prompts:
         if p.count(casa.IMAGE) != 1:
             raise ValueError(f"each turn's prompt needs exactly one {casa.IMAGE} marker (the frame), got {p!r}")
@@ -114,7 +150,7 @@ def live(args):
           f"{device}{', no waiting for real time' if args.no_wait else ''}")
     print(" video t | ready at |  delay | commentary    (delay = ready - the frame's time; < 0: ahead of the video)")
     cache = model.new_cache(1)
-    delays, start = [], time.perf_counter()
+    delays, right, start = [], [], time.perf_counter()
     for i, frame in enumerate(frames):
         arrival = i / fps  # frame i arrives i/fps seconds after the start
         if not args.no_wait:  # the model is ahead of the video: wait for the frame
@@ -128,15 +164,19 @@ def live(args):
         new = [t for t in out[0, len(ids):].tolist() if t != stop]  # the answer; the cache also holds <|endoftext|>
         text = tok.decode(new).replace("\n", " ")
         delays.append(ready - arrival)
-        ref = f"   [ref: {refs[i]}]" if refs is not None else ""
+        ref = ""
+        if refs is not None:
+            right.append(text.strip() == refs[i].strip())
+            ref = f"   [{'ok' if right[-1] else 'ref: ' + refs[i]}]"
         print(f"{arrival:7.2f}s | {ready:7.2f}s | {ready - arrival:+5.2f}s | {text}{ref}", flush=True)
     duration = len(frames) / fps
     processing = time.perf_counter() - start
     e = cache.entries()
+    exact = f"; exactly right {sum(right)}/{len(right)}" if right else ""
     print(f"{len(frames)} frames ({duration:.1f}s of video) in {processing:.2f}s; delay mean "
-          f"{sum(delays) / len(delays):+.3f}s, max {max(delays):+.3f}s; cache {cache.nbytes() / MiB:.2f} MiB, "
+          f"{sum(delays) / len(delays):+.3f}s, max {max(delays):+.3f}s{exact}; cache {cache.nbytes() / MiB:.2f} MiB, "
           f"entries per layer {e}")
-    return delays
+    return delays, right
 
 
 # -----------------------------------------------------------------------------
@@ -502,7 +542,8 @@ def get_parser():
                    "1 keeps timings stable when other processes share the cores")
     live_ = p.add_argument_group("live captioning")
     live_.add_argument("--ckpt", help="checkpoint (casa.save_checkpoint format)")
-    live_.add_argument("--clip", type=int, default=0, help="index of the clip in the dataset's val.jsonl")
+    live_.add_argument("--clip", default="0", help="clip of the dataset's val.jsonl: an index (3), a range (0-9) "
+                       "or 'all'; each clip is its own stream, and several are summed up at the end")
     live_.add_argument("--frames", help="a folder of images (sorted by name) instead of a clip")
     live_.add_argument("--data", help="dataset folder (default: the checkpoint's, else data/video)")
     live_.add_argument("--fps", type=float, default=None, help="frames per second (default: the clip's, else 2)")

@@ -80,24 +80,36 @@ def main():
         root, name = f"runs/accuracy-{args.max_iters}", f"accuracy_{args.max_iters}"
 
     results = run_all(jobs_for(tasks, models, seeds, budget, root), args.jobs, args.threads)
-    header = ["model"] + [f"{t} accuracy" for t in tasks] + [f"{t} val loss" for t in tasks]
+    header = (["model"] + [f"{t} accuracy" for t in tasks] + [f"{t} shuffled" for t in tasks]
+              + [f"{t} val loss" for t in tasks])
     rows, data = [], {}
     for model in models:
         row = [model]
-        for key in ("accuracy", "val_loss"):
+        for key in ("accuracy", "shuffled_accuracy", "val_loss"):
             for task in tasks:
                 xs = [results[f"{root}/{task}/{model}-s{s}"][key] for s in seeds]
                 data.setdefault(model, {}).setdefault(task, {})[key] = xs
                 row.append(mean_spread(xs))
         rows.append(row)
-    rows.append(["chance"] + [CHANCE.get(t, "") for t in tasks] + [""] * len(tasks))
+    rows.append(["chance"] + [CHANCE.get(t, "") for t in tasks] + [""] * 2 * len(tasks))
+    # per question kind (colour, shape, caption...), mean over seeds
+    kinds_rows = []
+    for task in tasks:
+        for model in models:
+            recs = [results[f"{root}/{task}/{model}-s{s}"] for s in seeds]
+            for kind in recs[0].get("accuracy_by_kind", {}):
+                xs = [r["accuracy_by_kind"][kind] for r in recs]
+                data[model][task].setdefault("by_kind", {})[kind] = xs
+                kinds_rows.append([task, model, kind.split(": ", 1)[-1], mean_spread(xs)])
     settings = ", ".join(f"{k}={v}" for k, v in budget.items() if k not in ("eval_interval", "num_show"))
     wall = sum(r["wall_s"] for r in results.values() if "wall_s" in r)
     over = f"mean ± std over seeds {args.seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
     text = (f"Accuracy (greedy exact match on all validation answers) and validation loss (answer tokens), "
             f"{over}; {settings}; train.py defaults otherwise "
             f"(4 layers x 128, 32x32 images, 16 image tokens). {len(results)} runs, {wall / 60:.0f} min of "
-            f"run time in total.\n\n" + markdown_table(header, rows))
+            f"run time in total. 'shuffled': accuracy with every image swapped for another of its batch "
+            f"(the image-use check).\n\n" + markdown_table(header, rows)
+            + "\n\nBy question kind:\n\n" + markdown_table(["task", "model", "question", "accuracy"], kinds_rows))
     if budget is not BUDGET:  # the learning curves: accuracy at each evaluation, mean over seeds
         steps = [st for st, _ in curve(f"{root}/{tasks[0]}/{models[0]}-s{seeds[0]}")]
         curve_rows = []

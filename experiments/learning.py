@@ -27,6 +27,7 @@ TASKS = {
     "shapes": dict(dataset="shapes"),
     "text": dict(dataset="text", image_size=64, patch_size=16),
     "charts": dict(dataset="charts", image_size=64, patch_size=16),
+    "video": dict(dataset="video", batch_size=8),  # clips of 6-10 frames: 8 clips a batch
 }
 COLORS = {"ca": (31, 119, 180), "ca_tv": (44, 160, 44), "insertion": (214, 39, 40), "blind": (127, 127, 127)}
 

@@ -193,3 +193,34 @@ def test_live_captioning_clip(tmp_path, capsys, saved):
     stream.main(["--ckpt", str(ckpt), "--clip", "0", "--no_wait", "--max_new_tokens", "3", "--device", "cpu"])
     lines = [line for line in capsys.readouterr().out.splitlines() if FRAME_LINE.match(line)]
     assert len(lines) == 3 and "[ref: line 2]" in lines[2]
+
+
+def test_live_captioning_scores_several_clips(tmp_path, capsys):
+    """--clip 0-1: each clip its own stream, every comment compared with its reference. The first
+    pass records what the model says; clip 0's references are then set to exactly that, so the
+    second pass must count clip 0's three comments right and clip 1's three wrong."""
+    data = tmp_path / "video"
+    names = write_frames(data / "images", 3)
+
+    def write(refs0):
+        clips = [{"images": [f"images/{n}" for n in names], "fps": 2,
+                  "turns": [{"prompt": casa.IMAGE, "answer": a} for a in refs]} for refs in (refs0, ["line x"] * 3)]
+        (data / "val.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clips))
+
+    ckpt = tmp_path / "ckpt.pt"
+    tiny_checkpoint(ckpt, dataset_dir=str(data))
+    args = ["--ckpt", str(ckpt), "--clip", "0-1", "--no_wait", "--max_new_tokens", "3", "--device", "cpu"]
+    write(["line a", "line b", "line c"])
+    stream.main(args)
+    said = [line.split(" | ", 3)[3].split("   [")[0] for line in capsys.readouterr().out.splitlines()
+            if FRAME_LINE.match(line)]
+    assert len(said) == 6
+    write([s if s.strip() else "-" for s in said[:3]])  # an empty comment cannot be a reference
+    delays = stream.main(args)
+    out = capsys.readouterr().out
+    assert len(delays) == 6
+    n_right = sum(bool(s.strip()) for s in said[:3])
+    assert n_right > 0, said
+    assert f"all 2 clips: 6 frames;" in out and f"exactly right {n_right}/6" in out
+    with pytest.raises(IndexError, match="out of range"):
+        stream.main(["--ckpt", str(ckpt), "--clip", "0-5", "--no_wait", "--device", "cpu"])
