@@ -35,36 +35,18 @@ ANSWER = "<|answer|>"  # separates a prompt from its answer
 SPECIAL_TOKENS = [ENDOFTEXT, IMAGE, ANSWER]
 
 
-def get_tokenizer(name="bytes"):
-    """The project's tokenizer, a tiktoken.Encoding.
-
-    "bytes" (default): 256 byte tokens + the special tokens, ids 256, 257, 258. Needs no download.
-    "gpt2": GPT-2 BPE + <|image|> and <|answer|> (tiktoken downloads its files on first use).
-    """
+def get_tokenizer():
+    """The project's tokenizer, a tiktoken.Encoding: 256 byte tokens + the special tokens, ids 256,
+    257, 258. Needs no download. (A BPE vocabulary such as GPT-2's 50k tokens would make the
+    embedding of these 128-wide toy models several times larger than the rest of the model, and
+    needs files from the internet; bytes keep every part of the project offline.)"""
     import tiktoken
 
-    if name == "bytes":
-        ranks = {bytes([i]): i for i in range(256)}
-        special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
-        # one byte per token: the pattern splits the text into single characters, the byte-level
-        # encoding of each is then its UTF-8 bytes
-        return tiktoken.Encoding(name="casa-bytes", pat_str=r"(?s:.)", mergeable_ranks=ranks,
-                                 special_tokens=special)
-    if name == "gpt2":
-        try:
-            gpt2 = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # no network, no cached files
-            raise RuntimeError(
-                "the gpt2 tokenizer needs tiktoken's GPT-2 files, which are downloaded on first use "
-                f"and could not be loaded ({type(e).__name__}). Connect once to the internet or set "
-                "TIKTOKEN_CACHE_DIR to a folder holding them; or use the offline tokenizer 'bytes'."
-            ) from e
-        special = dict(gpt2._special_tokens)
-        special[IMAGE] = gpt2.n_vocab
-        special[ANSWER] = gpt2.n_vocab + 1
-        return tiktoken.Encoding(name="casa-gpt2", pat_str=gpt2._pat_str,
-                                 mergeable_ranks=gpt2._mergeable_ranks, special_tokens=special)
-    raise ValueError(f"unknown tokenizer {name!r}: use 'bytes' (offline) or 'gpt2'")
+    ranks = {bytes([i]): i for i in range(256)}
+    special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    # one byte per token: the pattern splits the text into single characters, the byte-level
+    # encoding of each is then its UTF-8 bytes
+    return tiktoken.Encoding(name="casa-bytes", pat_str=r"(?s:.)", mergeable_ranks=ranks, special_tokens=special)
 
 
 # -----------------------------------------------------------------------------

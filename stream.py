@@ -123,8 +123,7 @@ def live(args):
     device = pick_device(args.device)
     model, ckpt = casa.load_checkpoint(args.ckpt, device=device)
     model.eval()
-    tokenizer = saved_settings(ckpt).get("tokenizer", "bytes")
-    tok = casa.get_tokenizer(tokenizer if isinstance(tokenizer, str) else "bytes")
+    tok = casa.get_tokenizer()
     indices = [None] if args.frames else clip_indices(str(args.clip), count_clips(args, ckpt))
     delays, right = [], []
     for index in indices:
