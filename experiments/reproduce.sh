@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every result of the README's "Results at toy scale", in order, each step timed.
-# About an hour on 2 CPU cores. Runs already finished under runs/ are not run again, so an
+# Every result of the README's "Results at toy scale" (and its training curves), in order, each
+# step timed. About an hour on 2 CPU cores. Runs already finished under runs/ are not run again, so an
 # interrupted reproduction continues where it stopped (delete runs/ to start over).
 #
 #     bash experiments/reproduce.sh 2>&1 | tee reproduce.log
@@ -14,9 +14,9 @@ step() {
 }
 step python experiments/draw_masks.py --out docs/masks.png
 step python experiments/efficiency.py
-step python experiments/accuracy.py
+step python experiments/learning.py
+step python experiments/accuracy.py --tasks=shapes
 step python experiments/adaptation.py
-step python experiments/video.py
 step python experiments/attention.py
 step python stream.py --bench --threads 1 --json runs/stream.json --png docs/stream.png
 echo "=== all done in $(( SECONDS / 60 )) min"
