@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
-from experiments.runs import ROOT, is_default, markdown_table, mean_spread, predictions, run_all, write_result  # noqa: E402
+from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, predictions, run_all, write_result  # noqa: E402
 
 # one budget for every run (train.py's recipe otherwise): ~4 min each on one CPU thread
 BUDGET = dict(max_iters=1000, batch_size=32, eval_interval=1000, num_show=0)
@@ -35,7 +35,8 @@ def jobs_for(tasks, models, seeds, budget=BUDGET, root="runs/accuracy"):
     for task in tasks:
         for model in models:
             for seed in seeds:
-                settings = dict(dataset=task, variant="ca" if model == "blind" else model, seed=seed, **budget)
+                settings = dict(dataset=task, **TASK_SETTINGS.get(task, {}), variant="ca" if model == "blind" else model,
+                                seed=seed, **budget)
                 if model == "blind":
                     settings["blind"] = True
                 jobs.append((f"{root}/{task}/{model}-s{seed}", settings))
@@ -106,7 +107,7 @@ def main():
     over = f"mean ± std over seeds {args.seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
     text = (f"Accuracy (greedy exact match on all validation answers) and validation loss (answer tokens), "
             f"{over}; {settings}; train.py defaults otherwise "
-            f"(4 layers x 128, 32x32 images, 16 image tokens). {len(results)} runs, {wall / 60:.0f} min of "
+            f"(4 layers x 128, 16 image tokens; experiments/runs.py's TASK_SETTINGS per task). {len(results)} runs, {wall / 60:.0f} min of "
             f"run time in total. 'shuffled': accuracy with every image swapped for another of its batch "
             f"(the image-use check).\n\n" + markdown_table(header, rows)
             + "\n\nBy question kind:\n\n" + markdown_table(["task", "model", "question", "accuracy"], kinds_rows))

@@ -20,15 +20,8 @@ import sys
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.runs import ROOT, is_default, markdown_table, run_all, write_result  # noqa: E402
+from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, run_all, write_result  # noqa: E402
 
-# per task: the train.py settings that differ from its defaults (the same for every model)
-TASKS = {
-    "shapes": dict(dataset="shapes"),
-    "text": dict(dataset="text", image_size=64, patch_size=16),
-    "charts": dict(dataset="charts", image_size=64, patch_size=16),
-    "video": dict(dataset="video", batch_size=8),  # clips of 6-10 frames: 8 clips a batch
-}
 COLORS = {"ca": (31, 119, 180), "ca_tv": (44, 160, 44), "insertion": (214, 39, 40), "blind": (127, 127, 127)}
 
 
@@ -78,14 +71,14 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     tasks, models = args.tasks.split(","), args.models.split(",")
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in TASK_SETTINGS]
     if unknown:
-        sys.exit(f"error: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        sys.exit(f"error: unknown task {unknown[0]!r}; choose from {', '.join(TASK_SETTINGS)}")
     jobs = []
     for task in tasks:
         for model in models:
-            settings = dict(TASKS[task], variant="ca" if model == "blind" else model, seed=args.seed,
-                            max_iters=args.max_iters, eval_interval=args.every, num_show=0)
+            settings = dict(dataset=task, **TASK_SETTINGS[task], variant="ca" if model == "blind" else model,
+                            seed=args.seed, max_iters=args.max_iters, eval_interval=args.every, num_show=0)
             if model == "blind":
                 settings["blind"] = True
             jobs.append((f"runs/learning/{task}/{model}", settings))

@@ -21,6 +21,16 @@ import casa  # noqa: E402
 from data.loader import Dataset, answer, eval_batches  # noqa: E402
 
 
+# per task, the train.py settings that differ from its defaults, the same for every model of a table:
+# charts and text need 64 px images (a chart's grid step is 5 px there, 2.5 px at 32)
+TASK_SETTINGS = {
+    "shapes": {},
+    "text": dict(image_size=64, patch_size=16),
+    "charts": dict(image_size=64, patch_size=16),
+    "video": dict(batch_size=8),  # clips of 6-10 frames: 8 clips a batch
+}
+
+
 def train_command(out_dir, settings):
     """The exact train.py command line of one run."""
     return ["python", "train.py", *(f"--{k}={v}" for k, v in settings.items()), f"--out_dir={out_dir}"]
