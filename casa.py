@@ -174,8 +174,9 @@ class VisionEncoder(nn.Module):
     The stem is log2(patch_size) stages of (3x3 conv, GELU, 2x2 max-pool), each halving the
     resolution, so each token sums up one patch_size x patch_size patch and its surroundings.
     Early convolutions (Xiao et al. 2021) train small ViTs far faster than a plain patchify conv,
-    and the max-pools give the tokens some invariance to where exactly an edge lies: on the
-    shapes task the encoder alone goes from 0.24 (patchify) to 1.00 (this stem) at the same budget."""
+    and the max-pools give the tokens some invariance to where exactly an edge lies: trained alone
+    on the shapes task's shape question, the encoder reaches 1.00 in 600 steps with this stem,
+    0.54 with stride-2 convolutions and no pooling (docs/recipe.md)."""
 
     def __init__(self, config):
         super().__init__()
