@@ -827,6 +827,16 @@ class Cache:
 # Prompts, images and checkpoints: the small conventions train.py, sample.py and stream.py share
 
 
+def pick_device(name="auto"):
+    """The device train.py, sample.py and stream.py run on: 'auto' is CUDA if there is one, then
+    Apple's MPS, then the CPU; any other name is taken as it is."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def encode_turn(tokenizer, prompt, answer=None):
     """Token ids of one conversation turn: prompt, <|answer|>, then (when given) the answer and
     <|endoftext|>. Returns (ids, n_prompt): the loss goes on ids[n_prompt:], the answer and its end."""

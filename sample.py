@@ -55,8 +55,7 @@ for arg in sys.argv[1:]:  # --name=value, typed like the default (as in train.py
             sys.exit(f"error: --{key} takes a {type(SETTINGS[key]).__name__}, got {text!r}")
     globals()[key] = value
 
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device = casa.pick_device(device)
 torch.manual_seed(seed)
 try:
     model, ck = casa.load_checkpoint(ckpt, device=device)

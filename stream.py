@@ -36,15 +36,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MiB = 2**20
 
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+    elif str(device).startswith("mps"):
+        torch.mps.synchronize()
 
 
 # -----------------------------------------------------------------------------
@@ -120,7 +116,7 @@ def count_clips(args, ckpt):
 def live(args):
     """Live captioning of --frames, or of one or several validation clips (--clip 3, 0-9, all), each
     clip its own stream with a fresh cache. Returns the delay of every frame (seconds)."""
-    device = pick_device(args.device)
+    device = casa.pick_device(args.device)
     model, ckpt = casa.load_checkpoint(args.ckpt, device=device)
     model.eval()
     tok = casa.get_tokenizer()
@@ -302,7 +298,7 @@ def run_bench(args, log=print):
     args.json / drawn to args.png when set). Raises SystemExit if the cache disagrees with the formula.
     The variants run interleaved, turn k of each before turn k + 1 of any, so that a change in the
     machine's load (other processes) hits every variant at the same turns."""
-    device = pick_device(args.device)
+    device = casa.pick_device(args.device)
     args.max_memory = parse_bytes(args.max_memory)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.gen_tokens < 1 or args.turns < 1:
@@ -535,7 +531,7 @@ def analytic(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device name")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
                    "1 keeps timings stable when other processes share the cores")

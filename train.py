@@ -122,8 +122,7 @@ globals().update(cli)
 # -----------------------------------------------------------------------------
 # processes and devices
 ddp = int(os.environ.get("RANK", -1)) != -1
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device = casa.pick_device(device)
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 if ddp:
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])

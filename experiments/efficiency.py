@@ -105,7 +105,7 @@ def main():
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = stream.pick_device(args.device)
+    device = casa.pick_device(args.device)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in casa.VARIANTS]
     if unknown:
