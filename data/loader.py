@@ -198,7 +198,7 @@ class Dataset:
         self.samples = [tokenize(s, self.tokenizer) for s in read_split(folder, split)]
         self.tasks = sorted({s.task for s in self.samples})
         self.turn_kinds = turn_kinds(self.samples)  # per sample, per turn: "task: question kind"
-        self._images = {}  # path -> (3, S, S) float in [0, 1]
+        self._images = {}  # path -> (3, S, S) uint8
         if not blind:  # decode everything now: errors early, batches fast
             for s in self.samples:
                 self.sample_images(s)
