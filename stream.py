@@ -84,9 +84,16 @@ def clip_indices(spec, n):
     return out
 
 
-def load_frames(args, ckpt, image_size, index=None):
+def read_clips(args, ckpt):
+    """-> (dataset folder, the clips of its val.jsonl)."""
+    folder = find_dataset(args, ckpt)
+    with open(os.path.join(folder, "val.jsonl"), encoding="utf-8") as f:
+        return folder, [json.loads(line) for line in f if line.strip()]
+
+
+def load_frames(args, image_size, folder=None, clip=None, index=None):
     """-> (frames (K, 3, S, S), prompts [K], references [K] or None, fps, description), of --frames
-    or of clip `index` of the dataset's val.jsonl."""
+    or of `clip`, the clip `index` of folder/val.jsonl."""
     if args.frames:
         if not os.path.isdir(args.frames):
             raise FileNotFoundError(f"--frames {args.frames}: no such folder")
@@ -95,21 +102,12 @@ def load_frames(args, ckpt, image_size, index=None):
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.frames}")
         frames = [casa.load_image(os.path.join(args.frames, f), image_size) for f in names]
         return torch.stack(frames), [args.prompt] * len(frames), None, args.fps or 2.0, args.frames
-    folder = find_dataset(args, ckpt)
-    with open(os.path.join(folder, "val.jsonl"), encoding="utf-8") as f:
-        clips = [json.loads(line) for line in f if line.strip()]
-    clip = clips[index]
     frames = torch.stack([casa.load_image(os.path.join(folder, p), image_size) for p in clip["images"]])
     turns = clip.get("turns", [])
     refs = [t["answer"] for t in turns] if len(turns) == len(frames) else None
     prompts = [t["prompt"] for t in turns] if args.clip_prompts and refs else [args.prompt] * len(frames)
     desc = f"{folder}/val.jsonl clip {index} ({clip.get('task', '?')})"
     return frames, prompts, refs, args.fps or clip.get("fps", 2.0), desc
-
-
-def count_clips(args, ckpt):
-    with open(os.path.join(find_dataset(args, ckpt), "val.jsonl"), encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
 
 
 @torch.inference_mode()
@@ -120,10 +118,12 @@ def live(args):
     model, ckpt = casa.load_checkpoint(args.ckpt, device=device)
     model.eval()
     tok = casa.get_tokenizer()
-    indices = [None] if args.frames else clip_indices(str(args.clip), count_clips(args, ckpt))
+    folder, clips = (None, []) if args.frames else read_clips(args, ckpt)
+    indices = [None] if args.frames else clip_indices(str(args.clip), len(clips))
     delays, right = [], []
     for index in indices:
-        frames, prompts, refs, fps, desc = load_frames(args, ckpt, model.config.image_size, index)
+        clip = None if index is None else clips[index]
+        frames, prompts, refs, fps, desc = load_frames(args, model.config.image_size, folder, clip, index)
         d, r = live_stream(args, model, tok, device, frames, prompts, refs, fps, desc)
         delays += d
         right += r
@@ -599,4 +599,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, IndexError, ValueError) as e:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
