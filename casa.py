@@ -581,6 +581,30 @@ class VLM(nn.Module):
             raise ValueError(f"image values must lie in [0, 1], got {float(images.min()):.3g}..{float(images.max()):.3g}")
         return self.vision(images)
 
+    def copy_weights_from(self, state_dict):
+        """Adaptation (train.py --init_from): start from another checkpoint's weights. Copies every
+        tensor whose name and shape exist in both models (the vision encoder and the text
+        transformer); CA layers that are new start from the same block's self-attention, as in the
+        paper, or, where CA replaced the layer's SA (ca_replace), from the source's SA of that layer.
+        Returns the names of the parameters copied from state_dict."""
+        own = self.state_dict()
+        copied = set()
+        with torch.no_grad():
+            for name, t in state_dict.items():
+                if name in own and own[name].shape == t.shape:
+                    own[name].copy_(t)
+                    copied.add(name)
+            for i, block in enumerate(self.blocks):
+                if not block.has_ca or block.shared or f"blocks.{i}.ca.q.weight" in copied:
+                    continue  # no CA projections of its own, or the source had them already
+                if block.has_sa:
+                    block.init_ca_from_sa()
+                else:
+                    for key, t in block.ca.state_dict().items():
+                        if f"blocks.{i}.sa.{key}" in state_dict:
+                            t.copy_(state_dict[f"blocks.{i}.sa.{key}"])
+        return {n for n, _ in self.named_parameters() if n in copied}
+
     def new_cache(self, batch_size):
         return Cache(self, batch_size)
 
@@ -937,6 +961,11 @@ def kv_cache_bytes(config, turns, text_tokens, image_tokens=None, batch_size=1, 
     return batch_size * entries * per_entry
 
 
+def is_fusion_param(name):
+    """Whether a parameter belongs to the fusion (a CA layer's projections or norm)."""
+    return ".ca." in name or ".ln_ca." in name
+
+
 def param_counts(model):
     """Parameters split into vision (encoder + projection), fusion (CA projections and norms), and
     text (embeddings, SA, MLPs). Tied weights are counted once."""
@@ -944,7 +973,7 @@ def param_counts(model):
     for name, p in model.named_parameters():
         if name.startswith("vision."):
             counts["vision"] += p.numel()
-        elif ".ca." in name or ".ln_ca." in name:
+        elif is_fusion_param(name):
             counts["fusion"] += p.numel()
         else:
             counts["text"] += p.numel()

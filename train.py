@@ -253,24 +253,7 @@ if ckpt is not None:
     except RuntimeError as e:
         fail(f"cannot resume {ckpt_path}: its weights do not fit the model ({str(e).splitlines()[0]} ...)")
 elif init_from:
-    # copy every tensor whose name and shape exist in both models: the vision encoder and the text
-    # transformer. CA layers are new: initialised from the same block's self-attention (the paper).
-    own = model.state_dict()
-    with torch.no_grad():
-        for name, t in src["model"].items():
-            if name in own and own[name].shape == t.shape:
-                own[name].copy_(t)
-                pretrained.add(name)
-        for i, block in enumerate(model.blocks):
-            if not block.has_ca or block.shared or f"blocks.{i}.ca.q.weight" in pretrained:
-                continue
-            if block.has_sa:
-                block.init_ca_from_sa()
-            else:  # ca_replace: this layer's SA is gone; its CA starts from the old SA weights
-                for key in block.ca.state_dict():
-                    if f"blocks.{i}.sa.{key}" in src["model"]:
-                        block.ca.state_dict()[key].copy_(src["model"][f"blocks.{i}.sa.{key}"])
-    pretrained = {n for n, _ in model.named_parameters() if n in pretrained}
+    pretrained = model.copy_weights_from(src["model"])  # CA layers start from the SA weights (the paper)
     new = [n for n, _ in model.named_parameters() if n not in pretrained]
     log(f"init_from {init_from} ({src['config']['variant']} -> {config.variant}): {len(pretrained)} tensors copied, "
         f"{len(new)} new ({', '.join(sorted({n.split('.', 2)[-1] for n in new})) or 'none'})")
@@ -293,7 +276,7 @@ def frozen_names(spec, model):
             trainable |= {"vision.ln_f.", "vision.proj.", "vision.ln_out."}  # the head after the last block
             out |= {n for n in names if n.startswith("vision.") and not n.startswith(tuple(trainable))}
         elif group == "text":
-            out |= {n for n in names if not n.startswith("vision.") and ".ca." not in n and ".ln_ca." not in n}
+            out |= {n for n in names if not n.startswith("vision.") and not casa.is_fusion_param(n)}
         elif group == "pretrained":
             out |= pretrained
         else:
