@@ -15,8 +15,10 @@ casa.py: a small vision-language model with every fusion design of the CASA pape
 
 plus the paper's ladder from CA to insertion (D1-D4), each one switch in VARIANTS below.
 
-Reading order: tokenizer, building blocks (norm, RoPE, attention, MLP), vision encoder, the
-transformer block, config, the model, its KV cache, generation, analysis helpers.
+Reading order, each part using only what is above it or passed in: tokenizer, building blocks
+(norm, RoPE, attention, MLP), vision encoder, config (the variants), the KV cache, the layout of
+one forward call (positions, masks, image slots), the transformer block, the model and generation,
+checkpoints, analysis helpers.
 """
 
 import math
@@ -206,103 +208,6 @@ class VisionEncoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The transformer block: text self-attention, cross-attention, or both, then the MLP.
-
-
-class Block(nn.Module):
-    """One pre-norm block of the text transformer.
-
-        SA only   (insertion; even layers of ca_replace):   x += SA(ln_sa(x))
-        SA + CA   (ca, ca_tv, ca_ffn):                       x += SA(ln_sa(x)) + CA(ln_ca(x))
-        SA + CA, shared projections (ca_shared):            x += o(attn_sa(q, k, v) + attn_ca(q, k_img, v_img))
-        CA only   (odd layers of ca_replace):                x += CA(ln_ca(x))
-    then x += MLP(ln_mlp(x)). With ca_ffn the image tokens also take x += MLP(ln_mlp(x)) here.
-    """
-
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.has_sa = not (config.ca_replaces_sa and layer_idx % 2 == 1)
-        self.has_ca = not config.insert_images and (not config.ca_replaces_sa or layer_idx % 2 == 1)
-        self.ca_text_keys = config.ca_text_keys
-        self.ca_image_ffn = config.ca_image_ffn
-        self.shared = config.ca_shared
-        if self.has_sa:
-            self.ln_sa = RMSNorm(config.n_embd)
-            self.sa = Attention(config)
-        if self.has_ca and not self.shared:
-            self.ln_ca = RMSNorm(config.n_embd)
-            self.ca = Attention(config)
-        self.ln_mlp = RMSNorm(config.n_embd)
-        self.mlp = MLP(config.n_embd, config.bias, config.dropout)
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-
-    def init_ca_from_sa(self):
-        """The paper initialises CA projections from the same block's SA weights."""
-        if self.has_sa and self.has_ca and not self.shared:
-            self.ca.load_state_dict(self.sa.state_dict())
-
-    def ca_modules(self):  # (norm, projections) used by the CA branch
-        return (self.ln_sa, self.sa) if self.shared else (self.ln_ca, self.ca)
-
-    def forward(self, x, step, layer_cache=None):
-        """x (B, T, C) text (or, for insertion, the mixed stream); step: the Step of this forward;
-        layer_cache: this layer's slice of the Cache, or None."""
-        out = 0
-        if self.has_sa:
-            h = self.ln_sa(x)
-            q_raw = self.sa.project_q(h)
-            k, v = self.sa.project_kv(h)
-            q, k = rope(q_raw, step.pos, self.inv_freq), rope(k, step.pos, self.inv_freq)
-            if layer_cache is not None:  # write the new K/V into the cache, attend over all of it
-                k, v = layer_cache.sa.write(k, v)
-            y = self.sa.attend(q, k, v, step.sa_mask, step.sa_key_is_image)
-            if self.shared and step.run_ca:  # D1: CA reuses q (unrotated: no positions in CA),
-                y = y + self.cross_attend(x, step, layer_cache, q=q_raw)  # the k/v weights and o
-            out = self.sa.merge(y)
-        if self.has_ca and not self.shared and step.run_ca:
-            out = out + self.ca.merge(self.cross_attend(x, step, layer_cache))
-        x = x + out
-        x = x + self.mlp(self.ln_mlp(x))
-        if self.ca_image_ffn and step.img is not None:  # D4: image tokens updated by the FFN too
-            step.img = step.img + self.mlp(self.ln_mlp(step.img))
-        return x
-
-    def cross_attend(self, x, step, layer_cache, q=None):
-        """Text queries attend to their window's image (and, for ca_tv, the window's text).
-        Returns (B, H, T, D) before the output projection."""
-        ln, attn = self.ca_modules()
-        h = ln(x)
-        if q is None:
-            q = attn.project_q(h)
-            if self.ca_text_keys:  # D2: positions inside the layer, relative to the image
-                q = rope(q, step.pos, self.inv_freq)
-        # keys/values of the images in this forward (M, H, N, D), rotated to their marker's position
-        k_new = v_new = None
-        if step.img is not None:
-            k_new, v_new = attn.project_kv(ln(step.img))
-            if self.ca_text_keys:
-                k_new = rope(k_new, step.img_pos[:, None].expand(-1, k_new.size(2)), self.inv_freq)
-        k, v = step.image_bank(k_new, v_new, layer_cache)  # (B, H, Wb*N, D), one slot per window
-        mask, key_is_image = step.ca_mask, None
-        if self.ca_text_keys:  # window text joins the keys, in the same softmax
-            kt, vt = attn.project_kv(h)
-            kt = rope(kt, step.pos, self.inv_freq)
-            if layer_cache is not None:
-                kt, vt = layer_cache.ca_text.write(kt, vt)
-            n_img = 0 if k is None else k.size(2)
-            key_is_image = torch.arange(n_img + kt.size(2), device=x.device) < n_img
-            if k is not None:
-                kt, vt = torch.cat([k, kt], dim=2), torch.cat([v, vt], dim=2)
-            k, v = kt, vt
-        return attn.attend(q, k, v, mask, key_is_image)
-
-
-def rope_inv_freq(config):
-    head_dim = config.n_embd // config.n_head
-    return 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-
-
-# -----------------------------------------------------------------------------
 # Config: the fusion variants, each a set of switches. Reading a row left to right moves CA toward
 # insertion; turning every switch on (and seeing all past images, D5) is insertion.
 
@@ -365,120 +270,397 @@ class Config:
         return (self.image_size // self.patch_size) ** 2
 
     def layer_kinds(self):
-        """(has_sa, has_ca) for each layer."""
-        kinds = []
-        for i in range(self.n_layer):
-            has_sa = not (self.ca_replaces_sa and i % 2 == 1)
-            has_ca = not self.insert_images and (not self.ca_replaces_sa or i % 2 == 1)
-            kinds.append((has_sa, has_ca))
-        return kinds
+        """(has_sa, has_ca) for each layer: the one place the layer structure is decided. Insertion
+        has SA only; ca_replace (D3) alternates SA and CA layers; every other variant has both."""
+        if self.insert_images:
+            return [(True, False)] * self.n_layer
+        if self.ca_replaces_sa:
+            return [(i % 2 == 0, i % 2 == 1) for i in range(self.n_layer)]
+        return [(True, True)] * self.n_layer
+
+    def layer_counts(self):
+        """(number of layers with self-attention, number with cross-attention)."""
+        kinds = self.layer_kinds()
+        return sum(has_sa for has_sa, _ in kinds), sum(has_ca for _, has_ca in kinds)
+
+
+# -----------------------------------------------------------------------------
+# The KV cache: what streaming keeps between calls. Built before the model so the model's blocks
+# can use it; every method takes what it needs as arguments.
+
+
+class KVStore:
+    """Keys and values of one kind of attention (self-attention, CA image or CA window text) for
+    the layers that have it, and one set of flags per slot, shared by those layers:
+
+        k[i], v[i]   (B, H, capacity, D)  for each layer i in `layers` (model layer indices)
+        pos          (B, capacity)        position of the slot (for CA image slots: its window)
+        valid        (B, capacity)        False: padding of a shorter row, or dropped
+        is_image     (B, capacity)        an image token (insertion's stream holds both kinds)
+
+    Slots [0, length) are filled. One forward call: begin(n) makes room for n new slots in every
+    layer at once, each layer then writes its own (write(i, k, v)), in any order, and commit() records
+    the new slots' flags. Capacity doubles when full, so appending is O(1) amortised."""
+
+    def __init__(self, layers, batch_size, n_head, head_dim, device):
+        self.layers = list(layers)
+        self.shape = (batch_size, n_head, head_dim)
+        self.device = device
+        self.k, self.v = {}, {}
+        self.pos = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.is_image = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled
+        self.n_new = 0  # slots the current call writes
+
+    def begin(self, n, dtype):
+        """Make room for n new slots in every layer (and the flags) before the layers run."""
+        self.n_new = n if self.layers else 0  # a store without layers keeps nothing
+        first = self.k.get(self.layers[0]) if self.layers else None
+        need = self.length + self.n_new
+        if not self.layers or (first is not None and first.dtype == dtype and need <= first.size(2)):
+            return
+        # grow (or allocate, or change dtype: the first call under autocast); torch.empty, not
+        # zeros: only filled slots are ever read
+        cap = first.size(2) if first is not None and first.dtype == dtype else 0
+        new_cap = max(need, 2 * cap, 16)
+        B, H, D = self.shape
+        for store in (self.k, self.v):
+            for i in self.layers:
+                t = torch.empty(B, H, new_cap, D, dtype=dtype, device=self.device)
+                if i in store:
+                    t[:, :, : self.length] = store[i][:, :, : self.length]
+                store[i] = t
+        grow = new_cap - self.pos.size(1)
+        if grow > 0:
+            self.pos = torch.cat([self.pos, self.pos.new_zeros(B, grow)], dim=1)
+            self.valid = torch.cat([self.valid, self.valid.new_zeros(B, grow)], dim=1)
+            self.is_image = torch.cat([self.is_image, self.is_image.new_zeros(B, grow)], dim=1)
+
+    def write(self, i, k, v):
+        """Layer i's new keys/values k, v (B, H, n_new, D) -> all of layer i's (B, H, length + n_new, D)."""
+        end = self.length + self.n_new
+        self.k[i][:, :, self.length : end] = k
+        self.v[i][:, :, self.length : end] = v
+        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+
+    def commit(self, pos, valid, is_image):
+        """After every layer wrote: the new slots' flags, each (B, n_new)."""
+        if not self.layers:
+            return
+        new = slice(self.length, self.length + self.n_new)
+        self.pos[:, new], self.valid[:, new], self.is_image[:, new] = pos, valid, is_image
+        self.length += self.n_new
+        self.n_new = 0
+
+    def mask(self, pos, valid):
+        """Self-attention mask (B, T, length + T) for T new queries at positions pos (B, T): every
+        cached valid slot, and the new tokens causally (valid ones only)."""
+        B, T = pos.shape
+        old = self.valid[:, None, : self.length].expand(B, T, self.length)
+        new = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()[None] & valid[:, None, :]
+        return torch.cat([old, new], dim=2)
+
+    def keep(self, keep):
+        """Drop the filled slots where keep (B, length) is False; move each row's kept slots to the
+        front, in order, and shrink length to the longest row."""
+        valid = self.valid[:, : self.length] & keep
+        if bool(valid.all()):
+            return
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # kept slots first
+        B, H, D = self.shape
+        idx = order[:, None, :, None].expand(B, H, -1, D)
+        for store in (self.k, self.v):
+            for i in store:
+                store[i][:, :, : self.length] = store[i][:, :, : self.length].gather(2, idx)
+        for name in ("pos", "valid", "is_image"):
+            flags = valid if name == "valid" else getattr(self, name)[:, : self.length]
+            getattr(self, name)[:, : self.length] = flags.gather(1, order)
+        self.length = int(valid.sum(1).max())
+
+    def entries(self):
+        """Cached (valid) entries per layer, summed over the batch."""
+        return int(self.valid[:, : self.length].sum()) if self.layers else 0
+
+    def allocated_bytes(self):
+        """Bytes of the key/value tensors as allocated: the whole capacity, unused slots included."""
+        return sum(t.numel() * t.element_size() for store in (self.k, self.v) for t in store.values())
+
+    def nbytes(self):
+        """Bytes of keys and values in use, all layers."""
+        if not self.k:
+            return 0
+        B, H, D = self.shape
+        element = next(iter(self.k.values())).element_size()
+        return self.entries() * len(self.layers) * H * D * 2 * element
+
+
+class Cache:
+    """KV cache for streaming. What each variant keeps (k turns of T text tokens, N image tokens):
+
+        insertion   SA layers: every text and image token              kT + kN per layer
+        ca, ...     SA layers: text only; CA layers: the current image  kT + N
+        ca_tv       as ca, plus the current window's text in CA layers  kT + (T + N)
+        ca_replace  SA layers (half): text; CA layers (half): image     kT or N
+        ca_all      SA layers: text only; CA layers: every image so far kT + kN
+
+    Three stores; a store whose attention the variant lacks has no layers and stays empty. Image K/V
+    are computed once, when the image arrives. Make one with model.new_cache(batch_size)."""
+
+    def __init__(self, config, batch_size, device):
+        H, D = config.n_head, config.n_embd // config.n_head
+        kinds = config.layer_kinds()
+        sa_layers = [i for i, (has_sa, _) in enumerate(kinds) if has_sa]
+        ca_layers = [i for i, (_, has_ca) in enumerate(kinds) if has_ca]
+        self.config, self.batch_size = config, batch_size
+        self.sa = KVStore(sa_layers, batch_size, H, D, device)
+        # CA image K/V; a slot's pos is its window. Without D5 only the current window's is kept
+        self.ca_image = KVStore(ca_layers, batch_size, H, D, device)
+        self.ca_text = KVStore(ca_layers if config.ca_text_keys else [], batch_size, H, D, device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # next stream position
+        self.window = torch.zeros(batch_size, dtype=torch.long, device=device)  # current window per row
+
+    def begin(self, layout, dtype):
+        """A forward call with this layout starts: make room in every store at once."""
+        self.sa.begin(layout.pos.size(1), dtype)
+        self.ca_image.begin(layout.slot_win.size(1), dtype)
+        self.ca_text.begin(layout.win.size(1), dtype)
+
+    def commit(self, layout):
+        """After the call: record the new slots' flags, drop what the variant does not keep."""
+        self.sa.commit(layout.pos, layout.valid, layout.is_image)
+        self.sa.keep(self.sa.valid[:, : self.sa.length])  # insertion: drop padding of shorter rows
+        self.next_pos = self.next_pos + layout.valid.sum(1)
+        # ca_tv's window text: only each row's current (last) window stays
+        still_open = layout.last_win == self.window  # (B,) the row's old window goes on
+        old = self.ca_text.length
+        in_last = layout.win == layout.last_win[:, None]  # (B, T)
+        self.ca_text.commit(layout.pos, in_last, torch.zeros_like(in_last))
+        keep = torch.ones(self.batch_size, self.ca_text.length, dtype=torch.bool, device=still_open.device)
+        keep[:, :old] = still_open[:, None]
+        self.ca_text.keep(keep)
+        # images: one slot of N per new image; without D5 only each row's newest stays
+        self.ca_image.commit(layout.slot_win, layout.slot_ok, torch.ones_like(layout.slot_ok))
+        if not self.config.ca_all_images:
+            self.ca_image.keep(self.ca_image.pos[:, : self.ca_image.length] == layout.last_win[:, None])
+        self.window = layout.last_win
+
+    def entries(self):
+        """Cached entries per layer kind: self-attention, CA image, CA window text (ca_tv).
+        Counted per layer of that kind, summed over the batch."""
+        return {"self_attn": self.sa.entries(), "cross_attn_image": self.ca_image.entries(),
+                "cross_attn_text": self.ca_text.entries()}
+
+    def nbytes(self):
+        """Bytes held by the keys and values in use, every layer."""
+        return self.sa.nbytes() + self.ca_image.nbytes() + self.ca_text.nbytes()
+
+    def allocated_bytes(self):
+        """Bytes of the key/value tensors as allocated (what the memory really holds)."""
+        return self.sa.allocated_bytes() + self.ca_image.allocated_bytes() + self.ca_text.allocated_bytes()
+
+
+# -----------------------------------------------------------------------------
+# The layout of one forward call: where every token sits and what it may attend to. Computed once,
+# vectorised, from idx and the cache, then passed to every block.
+
+
+@dataclass
+class Layout:
+    """Positions, masks and image slots of one forward call. Every field is set for every variant.
+
+    Shapes: B rows, T new text tokens a row, L stream tokens a row (insertion: the text with N image
+    tokens after each <|image|> marker, shorter rows padded; every other variant: L = T), M new images
+    of N tokens, W = the most new images in one row, S cached slots. Windows: window w of a row starts
+    at its w-th marker and runs to the next one; window 0 is the text before the first image. Window
+    numbers and positions go on counting across calls through the cache."""
+
+    pos: torch.Tensor  # (B, L) position of each stream token (what RoPE rotates by)
+    valid: torch.Tensor  # (B, L) False on padding
+    is_image: torch.Tensor  # (B, L) True on image tokens in the stream (insertion only)
+    text_idx: torch.Tensor  # (B, T) where each text token sits in the stream (arange(T) but insertion)
+    sa_mask: torch.Tensor | None  # (B, L, S + L) keys each query sees in self-attention; None = causal
+    sa_key_is_image: torch.Tensor  # (B, S + L) which self-attention keys are image tokens
+    win: torch.Tensor  # (B, T) window of each text token
+    last_win: torch.Tensor  # (B,) the window each row ends in
+    image_slot: torch.Tensor  # (B, W) index into the M new images of the row's w-th new one, or -1
+    slot_win: torch.Tensor  # (B, W*N) window of each new image key: one slot of N keys per image
+    slot_ok: torch.Tensor  # (B, W*N) False on unused slots (a row with fewer new images)
+    image_pos: torch.Tensor  # (M,) position of each new image's marker (ca_tv rotates its keys by it)
+    ca_mask: torch.Tensor  # (B, T, keys): cached image slots, new ones [, cached window text, new text]
+    run_ca: bool  # False when no image exists anywhere: CA's output would be 0 (ca_tv always runs)
+
+
+def make_layout(config, idx, is_marker, n_image_tokens, cache):
+    """The Layout of a call with text idx (B, T), is_marker (B, T) its <|image|> markers, one new image
+    of n_image_tokens per marker (0: no new images), and the cache (None: no cache)."""
+    B, T = idx.shape
+    device = idx.device
+    N = n_image_tokens
+    arange = lambda n: torch.arange(n, device=device)  # noqa: E731
+
+    # the stream: insertion lays N image tokens after each marker; every other variant keeps the text
+    if config.insert_images:
+        width = 1 + N * is_marker.long()  # stream slots each text token opens
+        text_idx = width.cumsum(1) - width  # (B, T)
+        lengths = width.sum(1)  # (B,)
+    else:
+        text_idx = arange(T).expand(B, T)
+        lengths = torch.full((B,), T, device=device)
+    L = int(lengths.max())
+    valid = arange(L)[None] < lengths[:, None]  # (B, L)
+    is_image = torch.ones(B, L, dtype=torch.bool, device=device).scatter(1, text_idx, False) & valid
+    start = cache.next_pos if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+    pos = start[:, None] + arange(L)
+
+    # self-attention: cached slots, then the new tokens causally (padding hidden)
+    if cache is not None:
+        sa_mask = cache.sa.mask(pos, valid)
+        sa_key_is_image = torch.cat([cache.sa.is_image[:, : cache.sa.length], is_image], dim=1)
+    else:
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        sa_mask = None if bool(valid.all()) else causal[None] & valid[:, None, :]
+        sa_key_is_image = is_image
+
+    # windows, and the image slots: the new images in reading order, one slot of N keys per window
+    w0 = cache.window if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+    win = w0[:, None] + is_marker.cumsum(dim=1)  # (B, T)
+    last_win = win[:, -1]
+    n_new = is_marker.sum(dim=1) if N else torch.zeros(B, dtype=torch.long, device=device)
+    W = int(n_new.max())
+    first = n_new.cumsum(0) - n_new  # index of each row's first new image
+    image_slot = torch.where(arange(W) < n_new[:, None], first[:, None] + arange(W), -1)  # (B, W)
+    slot_win = (w0[:, None] + 1 + arange(W)).repeat_interleave(N, dim=1)  # (B, W*N)
+    slot_ok = (image_slot >= 0).repeat_interleave(N, dim=1)
+
+    # cross-attention: a query sees its own window's image; with D5 every image so far
+    key_win, key_ok = slot_win, slot_ok
+    if cache is not None:  # image slots cached by earlier calls come first
+        key_win = torch.cat([cache.ca_image.pos[:, : cache.ca_image.length], key_win], dim=1)
+        key_ok = torch.cat([cache.ca_image.valid[:, : cache.ca_image.length], key_ok], dim=1)
+    q_win = win[:, :, None]
+    see = (key_win[:, None, :] <= q_win) if config.ca_all_images else (key_win[:, None, :] == q_win)
+    ca_mask = see & key_ok[:, None, :]
+    if config.ca_text_keys:  # D2: the window's text joins the keys, causally
+        same_win = (win[:, :, None] == win[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        parts = [ca_mask, same_win]
+        if cache is not None:  # cached window text belongs to window w0: visible while it lasts
+            cached = cache.ca_text.valid[:, None, : cache.ca_text.length] & (win == w0[:, None])[:, :, None]
+            parts.insert(1, cached)
+        ca_mask = torch.cat(parts, dim=2)
+    has_images = N > 0 or (cache is not None and cache.ca_image.length > 0)
+    return Layout(pos=pos, valid=valid, is_image=is_image, text_idx=text_idx, sa_mask=sa_mask,
+                  sa_key_is_image=sa_key_is_image, win=win, last_win=last_win, image_slot=image_slot,
+                  slot_win=slot_win, slot_ok=slot_ok, image_pos=pos.gather(1, text_idx)[is_marker],
+                  ca_mask=ca_mask, run_ca=has_images or config.ca_text_keys)
+
+
+# -----------------------------------------------------------------------------
+# The transformer block: text self-attention, cross-attention, or both, then the MLP.
+
+
+def rope_inv_freq(config):
+    head_dim = config.n_embd // config.n_head
+    return 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
+def to_slots(t, image_slot):
+    """Per-image keys or values (M, H, N, D) -> each row's image slots (B, H, W*N, D), in reading
+    order. Unused slots (image_slot -1) hold a copy of image 0; the masks hide them."""
+    B, W = image_slot.shape
+    M, H, N, D = t.shape
+    if W == 0 or M == 0:
+        return t.new_zeros(B, H, 0, D)
+    return t[image_slot.clamp(min=0)].permute(0, 2, 1, 3, 4).reshape(B, H, W * N, D)
+
+
+class Block(nn.Module):
+    """One pre-norm block of the text transformer, layer layer_idx of the model:
+
+        SA only   (insertion; even layers of ca_replace):   x += SA(ln_sa(x))
+        SA + CA   (ca, ca_tv, ca_ffn):                       x += SA(ln_sa(x)) + CA(ln_ca(x))
+        SA + CA, shared projections (ca_shared):            x += o(attn_sa(q, k, v) + attn_ca(q, k_img, v_img))
+        CA only   (odd layers of ca_replace):                x += CA(ln_ca(x))
+    then x += MLP(ln_mlp(x)). With ca_ffn the image tokens also take img += MLP(ln_mlp(img)) here.
+    has_sa and has_ca come from config.layer_kinds()."""
+
+    def __init__(self, config, layer_idx, has_sa, has_ca):
+        super().__init__()
+        self.layer_idx = layer_idx  # which layer's K/V it writes in the cache
+        self.has_sa, self.has_ca = has_sa, has_ca
+        self.ca_text_keys = config.ca_text_keys
+        self.ca_image_ffn = config.ca_image_ffn
+        self.shared = config.ca_shared
+        if has_sa:
+            self.ln_sa = RMSNorm(config.n_embd)
+            self.sa = Attention(config)
+        if has_ca and not self.shared:
+            self.ln_ca = RMSNorm(config.n_embd)
+            self.ca = Attention(config)
+        self.ln_mlp = RMSNorm(config.n_embd)
+        self.mlp = MLP(config.n_embd, config.bias, config.dropout)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def init_ca_from_sa(self):
+        """The paper initialises CA projections from the same block's SA weights."""
+        if self.has_sa and self.has_ca and not self.shared:
+            self.ca.load_state_dict(self.sa.state_dict())
+
+    def forward(self, x, img, layout, cache=None):
+        """x (B, L, C): the text (insertion: the mixed stream); img (M, N, C): this call's new image
+        tokens, or None; layout: the call's Layout; cache: the Cache, or None.
+        Returns (x, img): img changes only with ca_ffn."""
+        out = 0
+        if self.has_sa:
+            h = self.ln_sa(x)
+            q_raw = self.sa.project_q(h)
+            k, v = self.sa.project_kv(h)
+            q, k = rope(q_raw, layout.pos, self.inv_freq), rope(k, layout.pos, self.inv_freq)
+            if cache is not None:  # write the new K/V, attend over everything cached
+                k, v = cache.sa.write(self.layer_idx, k, v)
+            y = self.sa.attend(q, k, v, layout.sa_mask, layout.sa_key_is_image)
+            if self.shared and layout.run_ca:  # D1: CA reuses q (unrotated: no positions in CA),
+                y = y + self.cross_attend(x, img, layout, cache, q=q_raw)  # the k/v weights and o
+            out = self.sa.merge(y)
+        if self.has_ca and not self.shared and layout.run_ca:
+            out = out + self.ca.merge(self.cross_attend(x, img, layout, cache))
+        x = x + out
+        x = x + self.mlp(self.ln_mlp(x))
+        if self.ca_image_ffn and img is not None:  # D4: image tokens go through the FFN too
+            img = img + self.mlp(self.ln_mlp(img))
+        return x, img
+
+    def cross_attend(self, x, img, layout, cache, q=None):
+        """Text queries attend to their window's image (and, for ca_tv, the window's text).
+        Returns (B, H, T, D) before the output projection."""
+        ln, attn = (self.ln_sa, self.sa) if self.shared else (self.ln_ca, self.ca)
+        h = ln(x)
+        if q is None:
+            q = attn.project_q(h)
+            if self.ca_text_keys:  # D2: positions inside the layer, relative to the image
+                q = rope(q, layout.pos, self.inv_freq)
+        B, H, T, D = q.shape
+        k = v = q.new_zeros(0, H, 0, D)  # image keys/values (M, H, N, D) of this call's new images
+        if img is not None:
+            k, v = attn.project_kv(ln(img))
+            if self.ca_text_keys:  # rotated to their marker's position
+                k = rope(k, layout.image_pos[:, None].expand(-1, k.size(2)), self.inv_freq)
+        k, v = to_slots(k, layout.image_slot), to_slots(v, layout.image_slot)  # (B, H, W*N, D)
+        if cache is not None:  # images cached by earlier calls come first
+            k, v = cache.ca_image.write(self.layer_idx, k, v)
+        key_is_image = None
+        if self.ca_text_keys:  # the window's text joins the keys, in the same softmax
+            kt, vt = attn.project_kv(h)
+            kt = rope(kt, layout.pos, self.inv_freq)
+            if cache is not None:
+                kt, vt = cache.ca_text.write(self.layer_idx, kt, vt)
+            key_is_image = torch.arange(k.size(2) + kt.size(2), device=x.device) < k.size(2)
+            k, v = torch.cat([k, kt], dim=2), torch.cat([v, vt], dim=2)
+        return attn.attend(q, k, v, layout.ca_mask, key_is_image)
 
 
 # -----------------------------------------------------------------------------
 # The model
-
-
-class Step:
-    """Everything the blocks share about one forward call, computed once, vectorised: positions,
-    masks, which image each window has. Windows: window w of a row starts at its w-th <|image|>
-    marker and runs to the next one; window 0 is the text before the first image (no image).
-
-    Shapes: T new tokens per row (for insertion, T = length of the mixed stream), M new images,
-    N tokens per image, S tokens already in the cache."""
-
-    def __init__(self, model, idx, img, cache):
-        config, device = model.config, idx.device
-        B, T_text = idx.shape
-        is_marker = idx == model.image_id  # (B, T)
-        self.img = img  # (M, N, C) new image tokens (updated per layer by ca_ffn), or None
-        self.has_images = img is not None or (cache is not None and cache.ca_image.length > 0)
-        # whether the CA branch runs: with no image anywhere its output is 0 and it is skipped,
-        # except for ca_tv, whose CA layer also attends to the window's text
-        self.run_ca = self.has_images or config.ca_text_keys
-        self.sa_key_is_image = None
-
-        # positions: text positions for CA variants; for insertion, positions in the mixed stream
-        start = cache.next_pos if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
-        if config.insert_images:
-            self.build_stream(is_marker, start, cache, img is not None and img.size(1) or 0)
-            return
-        self.pos = start[:, None] + torch.arange(T_text, device=device)  # (B, T)
-        self.text_idx, self.valid = None, None
-        self.sa_mask = None if cache is None else cache.sa.mask(self.pos, None)
-
-        # windows (global per row: counting continues across calls through the cache)
-        w0 = cache.window if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
-        self.win = w0[:, None] + is_marker.cumsum(dim=1)  # (B, T)
-        self.last_win = self.win[:, -1]
-        # image bank: the new images in reading order, one slot of N tokens per window of the row.
-        # bank_src[b, j] = index into the M new images, or -1 (the row has fewer new images).
-        n_new = is_marker.sum(dim=1)  # (B,)
-        W = int(n_new.max()) if B > 0 else 0
-        offsets = n_new.cumsum(0) - n_new  # first image index of each row
-        j = torch.arange(W, device=device)
-        self.bank_src = torch.where(j < n_new[:, None], offsets[:, None] + j, -1)  # (B, W)
-        N = config.n_image_tokens
-        self.bank_win = (w0[:, None] + 1 + j).repeat_interleave(N, dim=1)  # (B, W*N) window of each key
-        self.bank_ok = (self.bank_src >= 0).repeat_interleave(N, dim=1)  # (B, W*N)
-        key_win, key_ok = self.bank_win, self.bank_ok
-        if cache is not None:  # images cached by earlier calls come first; their pos is their window
-            key_win = torch.cat([cache.ca_image.pos[:, : cache.ca_image.length], key_win], dim=1)
-            key_ok = torch.cat([cache.ca_image.valid[:, : cache.ca_image.length], key_ok], dim=1)
-        # (B, T, keys): a query sees its own window's image; with D5, every image so far
-        q_win = self.win[:, :, None]
-        see = (key_win[:, None, :] <= q_win) if config.ca_all_images else (key_win[:, None, :] == q_win)
-        self.ca_mask = see & key_ok[:, None, :]
-        self.img_pos = self.pos[is_marker] if img is not None else None  # (M,) marker positions
-        if config.ca_text_keys:  # the window's text, causal; cached window text is window w0's
-            new_text = (self.win[:, :, None] == self.win[:, None, :]) & torch.ones(
-                T_text, T_text, dtype=torch.bool, device=device).tril()
-            parts = [self.ca_mask, new_text]
-            if cache is not None:
-                parts.insert(1, cache.ca_text.mask_window(self.win == w0[:, None]))
-            self.ca_mask = torch.cat(parts, dim=2)
-        self.is_marker = is_marker
-
-    def build_stream(self, is_marker, start, cache, N):
-        """Insertion: lay out each row's stream (text with N image tokens after each marker), padded
-        to the longest row. text_idx (B, T_text): where each text token sits in the stream."""
-        B, T_text = is_marker.shape
-        device = is_marker.device
-        width = 1 + N * is_marker.long()  # stream slots each text token opens
-        self.text_idx = width.cumsum(1) - width  # (B, T_text)
-        lengths = width.sum(1)  # (B,)
-        L = int(lengths.max())
-        self.valid = torch.arange(L, device=device)[None] < lengths[:, None]  # (B, L): False = padding
-        self.pos = start[:, None] + torch.arange(L, device=device)
-        is_image = torch.ones(B, L, dtype=torch.bool, device=device)
-        is_image.scatter_(1, self.text_idx, False)
-        self.is_image = is_image & self.valid  # (B, L)
-        self.is_marker, self.img_pos, self.win = is_marker, None, None
-        if cache is not None:
-            self.sa_mask = cache.sa.mask(self.pos, self.valid)
-            self.sa_key_is_image = torch.cat([cache.sa_is_image[:, : cache.sa.length], self.is_image], dim=1)
-        elif not bool(self.valid.all()):
-            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-            self.sa_mask = causal[None] & self.valid[:, None, :]
-            self.sa_key_is_image = self.is_image
-        else:
-            self.sa_mask, self.sa_key_is_image = None, self.is_image
-
-    def image_bank(self, k_new, v_new, layer_cache):
-        """Image keys/values a CA layer attends to, (B, H, keys, D): images cached by earlier calls,
-        then this call's new images, one slot of N tokens per window. None if there are none."""
-        bank_k = bank_v = None
-        if k_new is not None and self.bank_src.size(1) > 0:
-            src = self.bank_src.clamp(min=0)  # (B, W); unused slots are masked out
-            B, W = src.shape
-            M, H, N, D = k_new.shape
-            bank_k = k_new[src].permute(0, 2, 1, 3, 4).reshape(B, H, W * N, D)
-            bank_v = v_new[src].permute(0, 2, 1, 3, 4).reshape(B, H, W * N, D)
-        if layer_cache is None:
-            return bank_k, bank_v
-        store = layer_cache.ca_image
-        if bank_k is None:  # nothing new: what is cached (if anything)
-            return store.read() if store.length else (None, None)
-        return store.write(bank_k, bank_v)
 
 
 class VLM(nn.Module):
@@ -500,7 +682,7 @@ class VLM(nn.Module):
         self.vision = VisionEncoder(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i, has_sa, has_ca) for i, (has_sa, has_ca) in enumerate(config.layer_kinds()))
         self.ln_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
@@ -526,24 +708,25 @@ class VLM(nn.Module):
         img = self.encode_images(idx, images)  # (M, N, C) or None
         if cache is not None and cache.batch_size != idx.size(0):
             raise ValueError(f"the cache was made for batch size {cache.batch_size}, idx has {idx.size(0)} rows")
-        step = Step(self, idx, img, cache)
-        if cache is not None:
-            cache.begin(step)
+        is_marker = idx == self.image_id  # (B, T)
+        layout = make_layout(config, idx, is_marker, 0 if img is None else img.size(1), cache)
         x = self.wte(idx)  # (B, T, C)
-        if config.insert_images:  # lay text and image tokens out in one stream
-            B, L = step.pos.shape
-            stream = x.new_zeros(B, L, x.size(-1))
-            stream.scatter_(1, step.text_idx[..., None].expand_as(x), x)
+        if cache is not None:  # room for the new K/V, in the dtype the projections will give
+            kv_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            cache.begin(layout, kv_dtype)
+        if config.insert_images:  # lay text and image tokens out in one stream (B, L, C)
+            stream = x.new_zeros(*layout.pos.shape, x.size(-1))
+            stream.scatter_(1, layout.text_idx[..., None].expand_as(x), x)
             if img is not None:
-                stream[step.is_image] = img.reshape(-1, img.size(-1)).to(stream.dtype)
-            x = stream
+                stream[layout.is_image] = img.reshape(-1, img.size(-1)).to(stream.dtype)
+            x, img = stream, None  # the image tokens now travel in the stream
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, step, cache.layers[i] if cache is not None else None)
+        for block in self.blocks:
+            x, img = block(x, img, layout, cache)
         if config.insert_images:  # back to the text positions
-            x = x.gather(1, step.text_idx[..., None].expand(-1, -1, x.size(-1)))
+            x = x.gather(1, layout.text_idx[..., None].expand(-1, -1, x.size(-1)))
         if cache is not None:
-            cache.commit(step)
+            cache.commit(layout)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -606,7 +789,7 @@ class VLM(nn.Module):
         return {n for n, _ in self.named_parameters() if n in copied}
 
     def new_cache(self, batch_size):
-        return Cache(self, batch_size)
+        return Cache(self.config, batch_size, self.lm_head.weight.device)
 
     @torch.no_grad()
     def generate(self, idx, images=None, max_new_tokens=32, temperature=1.0, top_k=None, stop_token=None,
@@ -643,208 +826,6 @@ def sample(logits, temperature=1.0, top_k=None):
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
-
-
-# -----------------------------------------------------------------------------
-# The KV cache
-
-
-class KVStore:
-    """Keys/values of one kind of attention for all layers of that kind, growing along time.
-
-    k, v: (n_layers, B, H, capacity, D), filled up to `length`; pos, valid: (B, capacity).
-    Capacity doubles when full, so appending one token is O(1) amortised, never a full copy.
-    `valid` marks slots in use (False: padding of a shorter row, or text of a window that ended);
-    compact() moves valid slots to the front when some were dropped."""
-
-    def __init__(self, n_layers, batch_size, n_head, head_dim, device):
-        self.shape = (n_layers, batch_size, n_head, head_dim)
-        self.device = device
-        self.k = self.v = None
-        self.pos = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
-        self.length = 0  # slots used
-        self.n_new = 0  # slots being written by the current forward
-
-    def begin(self, n):
-        """A forward is about to write n new slots, layer by layer."""
-        self.n_new, self.layer = n, 0
-
-    def reserve(self, n, dtype):
-        """Make room for n more slots; doubles the capacity when full."""
-        L, B, H, D = self.shape
-        need = self.length + n
-        cap = 0 if self.k is None else self.k.size(3)
-        if self.k is None or self.k.dtype != dtype or need > cap:
-            new_cap = max(need, 2 * cap, 16)
-            # empty, not zeros: only the filled part is ever read
-            k = torch.empty(L, B, H, new_cap, D, dtype=dtype, device=self.device)
-            v = torch.empty_like(k)
-            if self.k is not None:
-                k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
-                v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
-            self.k, self.v = k, v
-
-    def write(self, k, v):
-        """Called by each layer in turn: k, v (B, H, n, D) -> all keys/values (B, H, length + n, D)."""
-        i, end = self.layer, self.length + self.n_new
-        if i == 0:
-            self.reserve(self.n_new, k.dtype)
-        self.k[i, :, :, self.length : end] = k
-        self.v[i, :, :, self.length : end] = v
-        self.layer += 1
-        return self.k[i, :, :, :end], self.v[i, :, :, :end]
-
-    def read(self):
-        """For a layer with nothing new to write: its keys/values (B, H, length, D)."""
-        i = self.layer
-        self.layer += 1
-        return self.k[i, :, :, : self.length], self.v[i, :, :, : self.length]
-
-    def mask(self, pos, valid):
-        """Self-attention mask (B, T, length + T) for new queries at positions pos (B, T):
-        cached valid slots, and the new tokens causally (valid ones only)."""
-        B, T = pos.shape
-        old = self.valid[:, None, : self.length].expand(B, T, self.length)
-        new = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()[None].expand(B, T, T)
-        if valid is not None:
-            new = new & valid[:, None, :]
-        return torch.cat([old, new], dim=2)
-
-    def mask_window(self, same_window):
-        """ca_tv: cached window text (B, T, length) is visible to new queries still in its window."""
-        return same_window[:, :, None] & self.valid[:, None, : self.length]
-
-    def commit(self, pos, valid):
-        """After all layers wrote: record the new slots' positions and validity."""
-        n = self.n_new
-        if self.pos.size(1) < self.length + n:
-            grow = self.k.size(3) - self.pos.size(1)
-            self.pos = torch.cat([self.pos, self.pos.new_zeros(self.pos.size(0), grow)], dim=1)
-            self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1)
-        self.pos[:, self.length : self.length + n] = pos
-        self.valid[:, self.length : self.length + n] = valid
-        self.length += n
-        self.n_new = 0
-
-    def drop(self, keep):
-        """Mark slots not in keep (B, length) as unused, then compact."""
-        self.valid[:, : self.length] &= keep
-        self.compact()
-
-    def compact(self, extra=None):
-        """Move each row's valid slots to the front (in order) and shrink length to the longest row.
-        extra: other (B, capacity) tensors to reorder the same way."""
-        valid = self.valid[:, : self.length]
-        if bool(valid.all()):
-            return extra
-        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid first
-        L, B, H, D = self.shape
-        idx = order[None, :, None, :, None].expand(L, B, H, -1, D)
-        self.k[:, :, :, : self.length] = self.k[:, :, :, : self.length].gather(3, idx)
-        self.v[:, :, :, : self.length] = self.v[:, :, :, : self.length].gather(3, idx)
-        self.pos[:, : self.length] = self.pos[:, : self.length].gather(1, order)
-        self.valid[:, : self.length] = valid.gather(1, order)
-        if extra is not None:
-            extra[:, : self.length] = extra[:, : self.length].gather(1, order)
-        self.length = int(valid.sum(1).max())
-        return extra
-
-    def entries(self):
-        """Cached (valid) entries per layer, summed over the batch."""
-        return int(self.valid[:, : self.length].sum())
-
-    def nbytes(self):
-        """Bytes of keys and values in use, all layers."""
-        if self.k is None:
-            return 0
-        L, B, H, D = self.shape
-        return self.entries() * L * H * D * 2 * self.k.element_size()
-
-
-class LayerCache:
-    """One layer's view of the cache: its SA store, its CA image store, its ca_tv text store."""
-
-    def __init__(self, sa, ca_image, ca_text):
-        self.sa, self.ca_image, self.ca_text = sa, ca_image, ca_text
-
-
-class Cache:
-    """KV cache for streaming. What each variant keeps (k turns of T text tokens, N image tokens):
-
-        insertion   SA layers: every text and image token              kT + kN per layer
-        ca, ...     SA layers: text only; CA layers: the current image  kT + N
-        ca_tv       as ca, plus the current window's text in CA layers  kT + (T + N)
-        ca_replace  SA layers (half): text; CA layers (half): image     kT or N
-        ca_all      SA layers: text only; CA layers: every image so far kT + kN
-
-    Image K/V are computed once, when the image arrives. Use model.new_cache(batch_size)."""
-
-    def __init__(self, model, batch_size):
-        config = model.config
-        device = model.lm_head.weight.device
-        H, D = config.n_head, config.n_embd // config.n_head
-        kinds = config.layer_kinds()
-        n_sa, n_ca = sum(s for s, _ in kinds), sum(c for _, c in kinds)
-        self.config, self.batch_size = config, batch_size
-        self.sa = KVStore(n_sa, batch_size, H, D, device)
-        # CA image K/V; an entry's pos is its window. Without D5 only the current window's is kept.
-        self.ca_image = KVStore(n_ca, batch_size, H, D, device)
-        self.ca_text = KVStore(n_ca, batch_size, H, D, device) if config.ca_text_keys else None
-        self.layers = [LayerCache(self.sa if s else None, self.ca_image if c else None,
-                                  self.ca_text if c else None) for s, c in kinds]
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # next stream position
-        self.window = torch.zeros(batch_size, dtype=torch.long, device=device)  # current window per row
-        self.sa_is_image = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # insertion
-
-    def begin(self, step):
-        """A forward with step.pos.size(1) new tokens starts."""
-        self.sa.begin(step.pos.size(1))
-        if self.ca_text is not None:
-            self.ca_text.begin(step.pos.size(1))
-        if step.win is not None:
-            self.ca_image.begin(step.bank_win.size(1))
-
-    def commit(self, step):
-        """After a forward: record positions, windows, which slots stay valid."""
-        B, T = step.pos.shape
-        valid = step.valid if step.valid is not None else torch.ones(B, T, dtype=torch.bool, device=step.pos.device)
-        if self.config.insert_images:
-            cap = self.sa.k.size(3)
-            is_img = torch.zeros(B, cap, dtype=torch.bool, device=valid.device)
-            is_img[:, : self.sa.length] = self.sa_is_image[:, : self.sa.length]
-            is_img[:, self.sa.length : self.sa.length + T] = step.is_image
-            self.sa.commit(step.pos, valid)
-            self.sa_is_image = self.sa.compact(extra=is_img)  # drop padding of shorter rows
-            self.next_pos = self.next_pos + valid.sum(1)
-            return
-        if self.sa.n_new:
-            self.sa.commit(step.pos, valid)
-        self.next_pos = self.next_pos + T
-        if self.ca_text is not None:  # keep only the text of each row's current (last) window
-            old_len = self.ca_text.length
-            self.ca_text.commit(step.pos, step.win == step.last_win[:, None])
-            keep = torch.ones(B, self.ca_text.length, dtype=torch.bool, device=valid.device)
-            keep[:, :old_len] = (step.last_win == self.window)[:, None]
-            self.ca_text.drop(keep)
-        if self.ca_image.n_new:  # new images; without D5 keep only each row's newest
-            self.ca_image.commit(step.bank_win, step.bank_ok)
-        if not self.config.ca_all_images and self.ca_image.length:
-            self.ca_image.drop(self.ca_image.pos[:, : self.ca_image.length] == step.last_win[:, None])
-        self.window = step.last_win
-
-    def entries(self):
-        """Cached entries per layer kind: self-attention, CA image, CA window text (ca_tv).
-        Counted per layer of that kind, summed over the batch."""
-        return {
-            "self_attn": self.sa.entries(),
-            "cross_attn_image": self.ca_image.entries(),
-            "cross_attn_text": self.ca_text.entries() if self.ca_text is not None else 0,
-        }
-
-    def nbytes(self):
-        """Bytes held by the keys and values in use, every layer."""
-        return sum(store.nbytes() for store in (self.sa, self.ca_image, self.ca_text) if store is not None)
 
 
 # -----------------------------------------------------------------------------
@@ -941,7 +922,7 @@ def kv_cache_entries(config, turns, text_tokens, image_tokens=None):
     N tokens (default: config.n_image_tokens) and T text tokens (its <|image|> marker included)."""
     k, T = turns, text_tokens
     N = config.n_image_tokens if image_tokens is None else image_tokens
-    has_ca = any(c for _, c in config.layer_kinds())
+    has_ca = config.layer_counts()[1] > 0
     return {
         "self_attn": k * T + (k * N if config.insert_images else 0),
         # only the current window's image; with D5 every image so far
@@ -954,8 +935,7 @@ def kv_cache_bytes(config, turns, text_tokens, image_tokens=None, batch_size=1, 
     """Analytic KV-cache bytes (keys and values, every layer) after `turns` turns: the formula that
     Cache.nbytes() measures. bytes_per_value: 4 for float32, 2 for bf16."""
     e = kv_cache_entries(config, turns, text_tokens, image_tokens)
-    kinds = config.layer_kinds()
-    n_sa, n_ca = sum(s for s, _ in kinds), sum(c for _, c in kinds)
+    n_sa, n_ca = config.layer_counts()
     per_entry = 2 * config.n_embd * bytes_per_value  # K and V, all heads
     entries = n_sa * e["self_attn"] + n_ca * (e["cross_attn_image"] + e["cross_attn_text"])
     return batch_size * entries * per_entry

@@ -210,12 +210,8 @@ def bench_config(args, variant):
 
 def held_bytes(model, cache):
     """CPU stand-in for peak memory: bytes of the parameters plus the KV cache's tensors as
-    allocated (every KVStore's full capacity, unused slots included)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    for store in vars(cache).values():
-        if isinstance(store, casa.KVStore) and store.k is not None:
-            total += store.k.numel() * store.k.element_size() + store.v.numel() * store.v.element_size()
-    return total
+    allocated (every store's full capacity, unused slots included)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + cache.allocated_bytes()
 
 
 def one_turn(model, prompt, frame, m, cache):
@@ -496,8 +492,7 @@ def analytic_rows(preset, image_tokens, text_tokens, budget=80e9, bytes_per_valu
     rows = []
     for v in casa.VARIANTS:
         config = casa.Config(n_layer=p["n_layer"], variant=v)
-        kinds = config.layer_kinds()
-        n_sa, n_ca = sum(s for s, _ in kinds), sum(c for _, c in kinds)
+        n_sa, n_ca = config.layer_counts()
 
         def kv(k):
             e = casa.kv_cache_entries(config, k, text_tokens, image_tokens)

@@ -1,6 +1,6 @@
 """
 Draw the attention patterns of insertion, cross-attention and CASA (ca_tv) from the masks the model
-really builds (casa.Step), for a short sequence with text before the first image and two images.
+really builds (casa.make_layout), for a short sequence with text before the first image and two images.
 
     python experiments/draw_masks.py --out docs/masks.png
 
@@ -28,12 +28,12 @@ def masks_for(variant, idx, n_images):
                          n_vis_embd=16, n_vis_head=2, n_vis_layer=1)
     model = casa.VLM(config)
     img = model.vision(torch.rand(n_images, 3, 8, 8))
-    step = casa.Step(model, idx, img, cache=None)
+    layout = casa.make_layout(config, idx, idx == model.image_id, img.size(1), cache=None)
     tok = casa.get_tokenizer()
     text_labels = ["I" if t == model.image_id else tok.decode([t]) for t in idx[0].tolist()]
     N = config.n_image_tokens
     if config.insert_images:  # one causal self-attention over the mixed stream
-        is_img = step.is_image[0]
+        is_img = layout.is_image[0]
         L = is_img.numel()
         labels, it = [], iter(text_labels)
         for i in range(L):
@@ -43,8 +43,8 @@ def masks_for(variant, idx, n_images):
     T = idx.size(1)
     sa = ("text self-attention (every variant)", torch.ones(T, T, dtype=torch.bool).tril(),
           torch.zeros(T, dtype=torch.bool), text_labels, text_labels)
-    ca_mask = step.ca_mask[0]  # (T, W*N [+ T])
-    n_img_keys = step.bank_src.size(1) * N
+    ca_mask = layout.ca_mask[0]  # (T, W*N [+ T])
+    n_img_keys = layout.slot_win.size(1)
     key_is_image = torch.arange(ca_mask.size(1)) < n_img_keys
     key_labels = [f"y{j // N + 1}" if j % N == 0 else "" for j in range(n_img_keys)]
     title = "ca: cross-attention to the window's image"

@@ -323,11 +323,11 @@ def test_cross_attend_matches_naive_windows(variant):
     x = torch.randn(2, idx.size(1), cfg.n_embd, dtype=torch.float64)
     with torch.no_grad():
         img = model.vision(images)
-        step = casa.Step(model, idx, img, None)
+        layout = casa.make_layout(cfg, idx, idx == model.image_id, img.size(1), cache=None)
         q = None
         if cfg.ca_shared:  # the model hands CA the SA's unrotated query
             q = block.sa.project_q(block.ln_sa(x))
-        got = block.cross_attend(x, step, None, q=q)
+        got = block.cross_attend(x, img, layout, None, q=q)
         m = 0
         for b in range(2):
             marker_pos = [t for t, tok in enumerate(idx[b].tolist()) if tok == IMAGE_ID]
@@ -366,14 +366,14 @@ def test_insertion_block_sa_matches_naive_mixed_stream():
     block = model.blocks[2]
     with torch.no_grad():
         img = model.vision(images)
-        step = casa.Step(model, idx, img, None)
+        layout = casa.make_layout(cfg, idx, idx == model.image_id, img.size(1), cache=None)
         torch.manual_seed(2)
-        L = step.pos.size(1)
+        L = layout.pos.size(1)
         x = torch.randn(2, L, cfg.n_embd, dtype=torch.float64)
-        got = block(x, step)
+        got, _ = block(x, None, layout)  # insertion: the image tokens are in the stream x
         for b, n_img in ((0, 3), (1, 2)):
             Lb = idx.size(1) + n_img * N  # this row's stream length
-            is_image = (~torch.isin(torch.arange(Lb), step.text_idx[b])).tolist()
+            is_image = (~torch.isin(torch.arange(Lb), layout.text_idx[b])).tolist()
             assert sum(is_image) == n_img * N
             y, _ = ref_self_attention(x[b, :Lb], block.ln_sa.weight, block.sa, cfg.n_head, cfg.rope_theta,
                                       list(range(Lb)))
@@ -386,7 +386,7 @@ def test_insertion_block_sa_matches_naive_mixed_stream():
         for tok in idx[b].tolist():
             want.append(slot)
             slot += 1 + (N if tok == IMAGE_ID else 0)
-        assert step.text_idx[b].tolist() == want
+        assert layout.text_idx[b].tolist() == want
 
 
 # -----------------------------------------------------------------------------
