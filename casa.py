@@ -300,10 +300,12 @@ class KVStore:
 
     Slots [0, length) are filled. One forward call: begin(n) makes room for n new slots in every
     layer at once, each layer then writes its own (write(i, k, v)), in any order, and commit() records
-    the new slots' flags. Capacity doubles when full, so appending is O(1) amortised."""
+    the new slots' flags. When full, the capacity doubles: O(1) amortised, but the call that grows
+    copies everything (a stall); a capacity reserved up front avoids it."""
 
-    def __init__(self, layers, batch_size, n_head, head_dim, device):
+    def __init__(self, layers, batch_size, n_head, head_dim, device, capacity=0):
         self.layers = list(layers)
+        self.capacity = capacity  # slots per row to keep room for between calls (0: grow as needed)
         self.shape = (batch_size, n_head, head_dim)
         self.device = device
         self.k, self.v = {}, {}
@@ -323,7 +325,7 @@ class KVStore:
         # grow (or allocate, or change dtype: the first call under autocast); torch.empty, not
         # zeros: only filled slots are ever read
         cap = first.size(2) if first is not None and first.dtype == dtype else 0
-        new_cap = max(need, 2 * cap, 16)
+        new_cap = max(need, 2 * cap, 16, self.capacity + self.n_new)  # a call writes before it evicts
         B, H, D = self.shape
         for store in (self.k, self.v):
             for i in self.layers:
@@ -405,18 +407,43 @@ class Cache:
         ca_all      SA layers: text only; CA layers: every image so far kT + kN
 
     Three stores; a store whose attention the variant lacks has no layers and stays empty. Image K/V
-    are computed once, when the image arrives. Make one with model.new_cache(batch_size)."""
+    are computed once, when the image arrives. Make one with model.new_cache(batch_size, ...):
 
-    def __init__(self, config, batch_size, device):
+    capacity: entries per row to reserve up front in each store, a dict with the keys of entries()
+        (kv_cache_entries(config, turns, T) gives them for a session of known length); room for one
+        call's new slots comes on top, since a call writes its image before the old one is dropped.
+        Without it a store doubles when full, and the call that grows it stalls while it copies.
+    sink_tokens, recent_tokens: a bounded self-attention cache for endless streams, as StreamingLLM
+        (Xiao et al. 2023, "attention sinks"): after each call only the first sink_tokens and the
+        last recent_tokens text tokens of each row stay; the middle is evicted. Positions go on
+        counting. With one image in its CA store, a CA variant's whole cache then stays constant.
+        Insertion (image tokens live in the same cache) and ca_all (keeps every image) cannot be
+        bounded this way without dropping frames."""
+
+    def __init__(self, config, batch_size, device, capacity=None, sink_tokens=0, recent_tokens=None):
+        if recent_tokens is not None and (config.insert_images or config.ca_all_images):
+            raise ValueError(f"variant {config.variant!r} keeps every frame's image tokens in its cache; "
+                             "recent_tokens bounds only the text, so it needs a variant with one image in its "
+                             "CA layers (ca, ca_shared, ca_tv, ca_replace, ca_ffn)")
+        if sink_tokens < 0 or (recent_tokens is not None and recent_tokens < 1):
+            raise ValueError(f"sink_tokens must be >= 0 and recent_tokens >= 1 (or None: unbounded); got "
+                             f"{sink_tokens} and {recent_tokens}")
+        capacity = capacity or {}
+        unknown = set(capacity) - {"self_attn", "cross_attn_image", "cross_attn_text"}
+        if unknown:
+            raise ValueError(f"capacity keys are self_attn, cross_attn_image, cross_attn_text (as entries() "
+                             f"and kv_cache_entries give them); got {sorted(unknown)}")
         H, D = config.n_head, config.n_embd // config.n_head
         kinds = config.layer_kinds()
         sa_layers = [i for i, (has_sa, _) in enumerate(kinds) if has_sa]
         ca_layers = [i for i, (_, has_ca) in enumerate(kinds) if has_ca]
         self.config, self.batch_size = config, batch_size
-        self.sa = KVStore(sa_layers, batch_size, H, D, device)
+        self.sink_tokens, self.recent_tokens = sink_tokens, recent_tokens
+        self.sa = KVStore(sa_layers, batch_size, H, D, device, capacity.get("self_attn", 0))
         # CA image K/V; a slot's pos is its window. Without D5 only the current window's is kept
-        self.ca_image = KVStore(ca_layers, batch_size, H, D, device)
-        self.ca_text = KVStore(ca_layers if config.ca_text_keys else [], batch_size, H, D, device)
+        self.ca_image = KVStore(ca_layers, batch_size, H, D, device, capacity.get("cross_attn_image", 0))
+        self.ca_text = KVStore(ca_layers if config.ca_text_keys else [], batch_size, H, D, device,
+                               capacity.get("cross_attn_text", 0))
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # next stream position
         self.window = torch.zeros(batch_size, dtype=torch.long, device=device)  # current window per row
 
@@ -429,7 +456,12 @@ class Cache:
     def commit(self, layout):
         """After the call: record the new slots' flags, drop what the variant does not keep."""
         self.sa.commit(layout.pos, layout.valid, layout.is_image)
-        self.sa.keep(self.sa.valid[:, : self.sa.length])  # insertion: drop padding of shorter rows
+        keep = self.sa.valid[:, : self.sa.length]  # drops insertion's padding of shorter rows
+        if self.recent_tokens is not None:  # evict the middle: keep the sinks and the recent tokens
+            rank = keep.cumsum(1) - 1  # (B, S) rank among each row's valid slots
+            n = keep.sum(1, keepdim=True)
+            keep = keep & ((rank < self.sink_tokens) | (rank >= n - self.recent_tokens))
+        self.sa.keep(keep)
         self.next_pos = self.next_pos + layout.valid.sum(1)
         # ca_tv's window text: only each row's current (last) window stays
         still_open = layout.last_win == self.window  # (B,) the row's old window goes on
@@ -788,8 +820,9 @@ class VLM(nn.Module):
                             t.copy_(state_dict[f"blocks.{i}.sa.{key}"])
         return {n for n, _ in self.named_parameters() if n in copied}
 
-    def new_cache(self, batch_size):
-        return Cache(self.config, batch_size, self.lm_head.weight.device)
+    def new_cache(self, batch_size, capacity=None, sink_tokens=0, recent_tokens=None):
+        """An empty KV cache for streaming (see Cache for the options)."""
+        return Cache(self.config, batch_size, self.lm_head.weight.device, capacity, sink_tokens, recent_tokens)
 
     @torch.no_grad()
     def generate(self, idx, images=None, max_new_tokens=32, temperature=1.0, top_k=None, stop_token=None,

@@ -192,9 +192,10 @@ def ref_cross_attention(x, imgs, marker_pos, ln_w, attn, n_head, theta, text_key
     return y
 
 
-def ref_self_attention(x, ln_w, attn, n_head, theta, pos, is_image=None, record=None):
+def ref_self_attention(x, ln_w, attn, n_head, theta, pos, is_image=None, record=None, visible=None):
     """Causal SA over the row's sequence x (L, C) (for insertion: the mixed stream), RoPE at pos.
-    Returns (L, H, D) before the output projection, and the unrotated q."""
+    visible(t): the keys query t sees (default: 0..t, causal). Returns (L, H, D) before the output
+    projection, and the unrotated q."""
     L, C = x.shape
     D = C // n_head
     h = ref_rms(x, ln_w)
@@ -203,6 +204,10 @@ def ref_self_attention(x, ln_w, attn, n_head, theta, pos, is_image=None, record=
     q, k = ref_rope(q_raw, pos, theta), ref_rope(k, pos, theta)
     y = torch.zeros(L, n_head, D, dtype=x.dtype)
     for t in range(L):
+        if visible is not None:
+            keys = visible(t)
+            y[t], _ = ref_softmax_attention(q[t], k[keys], v[keys])
+            continue
         y[t], p = ref_softmax_attention(q[t], k[: t + 1], v[: t + 1])
         if record is not None and not is_image[t] and any(is_image[: t + 1]):
             record.append(p[:, torch.tensor(is_image[: t + 1])].sum(-1))
@@ -213,11 +218,12 @@ def ref_merge(y, lin):  # (T, H, D) -> (T, C) through the output projection
     return ref_linear(y.reshape(y.size(0), -1), lin)
 
 
-def reference_forward(model, idx, images, records=None):
+def reference_forward(model, idx, images, records=None, sa_visible=None):
     """Logits (B, T, vocab) of the whole model, one row at a time, from the model's weights only.
     The image tokens come from model.vision (the encoder itself is not what is tested here).
     records: if a dict, records[layer] collects per-query image-attention shares (H,) for the
-    layers with a mixed softmax (ca_tv CA layers, insertion SA layers)."""
+    layers with a mixed softmax (ca_tv CA layers, insertion SA layers).
+    sa_visible(t): the text keys text query t sees in self-attention (CA variants; default causal)."""
     cfg = model.config
     H, theta, N = cfg.n_head, cfg.rope_theta, cfg.n_image_tokens
     img_tokens = model.vision(images) if images is not None else None
@@ -253,7 +259,8 @@ def reference_forward(model, idx, images, records=None):
                 out_b = torch.zeros_like(x)
                 y_sa = q_raw = None
                 if block.has_sa:
-                    y_sa, q_raw = ref_self_attention(x, block.ln_sa.weight, block.sa, H, theta, list(range(T)))
+                    y_sa, q_raw = ref_self_attention(x, block.ln_sa.weight, block.sa, H, theta, list(range(T)),
+                                                     visible=sa_visible)
                 if block.has_ca:
                     if cfg.ca_shared:
                         y_ca = ref_cross_attention(x, imgs, marker_pos, block.ln_sa.weight, block.sa, H, theta,
@@ -304,6 +311,64 @@ def test_cached_decoding_equals_full_forward(variant, chunking):
     cached = torch.cat(parts, dim=1)
     assert full.abs().max() > 0.5  # the comparison is at a meaningful scale
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+BOUNDED = dict(sink_tokens=2, recent_tokens=4)
+
+
+@pytest.mark.parametrize("variant", [v for v in CA_VARIANTS if v != "ca_all"])
+def test_bounded_cache_equals_full_forward_with_its_mask(variant):
+    """A cache that keeps the first S and the last W text tokens (StreamingLLM) equals a full forward
+    whose self-attention mask is that eviction spelled out: query t of the call starting at a sees
+    tokens j < S, a - W <= j < a, and a <= j <= t. CA keys are unchanged (one image a window)."""
+    model = make_model(variant, dtype=torch.float64)
+    idx, images = two_row_batch(dtype=torch.float64)
+    S, W = BOUNDED["sink_tokens"], BOUNDED["recent_tokens"]
+    bounds = CHUNKINGS["uneven_chunks"]
+    with torch.no_grad():
+        cache = model.new_cache(2, **BOUNDED)
+        got = torch.cat([model(idx[:, a:b], images_for(idx, images, a, b), cache=cache)[0]
+                         for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+
+        def visible(t):
+            a = max(x for x in bounds if x <= t)  # start of the call holding query t
+            return [j for j in range(t + 1) if j < S or j >= a - W]
+
+        want = reference_forward(model, idx, images, sa_visible=visible)
+        plain = reference_forward(model, idx, images)
+    torch.testing.assert_close(got, want, **REF_TOL)
+    assert (want - plain).abs().max() > 1e-3  # the eviction really changed the answer
+    # what stays: S + W text tokens a row, and exactly one image (ca_tv: its window text too)
+    assert cache.entries()["self_attn"] == 2 * (S + W)
+
+
+@pytest.mark.parametrize("variant", ["insertion", "ca_all"])
+def test_bounded_cache_refuses_variants_that_keep_every_frame(variant):
+    with pytest.raises(ValueError, match="keeps every frame's image tokens"):
+        make_model(variant).new_cache(1, **BOUNDED)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reserved_capacity_never_grows_and_changes_nothing(variant):
+    """With capacity from kv_cache_entries for the whole session, no store reallocates (no stall),
+    and every logit equals the growing cache's."""
+    model = make_model(variant)
+    N, T, turns = model.config.n_image_tokens, 6, 5
+    g = torch.Generator().manual_seed(3)
+    capacity = casa.kv_cache_entries(model.config, turns, T)
+    reserved, growing = model.new_cache(1, capacity=capacity), model.new_cache(1)
+    stores = lambda c: (c.sa, c.ca_image, c.ca_text)  # noqa: E731
+    with torch.no_grad():
+        for turn in range(turns):
+            idx = torch.tensor([[IMAGE_ID] + rand_text(T - 1, g)])
+            img = torch.rand(1, 3, 16, 16, generator=g)
+            a, _ = model(idx, img, cache=reserved)
+            b, _ = model(idx, img, cache=growing)
+            assert torch.equal(a, b)
+            if turn == 0:
+                first = [{i: t.data_ptr() for i, t in s.k.items()} for s in stores(reserved)]
+            assert [{i: t.data_ptr() for i, t in s.k.items()} for s in stores(reserved)] == first
+    assert any(s.allocated_bytes() for s in stores(reserved))
 
 
 # -----------------------------------------------------------------------------
