@@ -1,0 +1,62 @@
+"""configurator.parse, the command line of train.py, sample.py and stream.py: values typed like their
+defaults, both spellings (--name=value, --name value), bare booleans, and one clear error for an
+unknown setting or a value of the wrong type."""
+
+import pytest
+
+import configurator
+
+DEFAULTS = dict(out_dir="out", n_layer=4, learning_rate=3e-4, resume=False, compile=None, top_k=0, prompt="")
+
+
+def parse(*argv):
+    return configurator.parse(list(argv), DEFAULTS)
+
+
+def error(*argv):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    return str(e.value.code)
+
+
+def test_values_take_the_type_of_their_default():
+    got = parse("--out_dir=runs/a", "--n_layer=6", "--learning_rate=1e-3", "--resume=True", "--compile=False")
+    assert got == dict(out_dir="runs/a", n_layer=6, learning_rate=1e-3, resume=True, compile=False)
+    assert type(got["n_layer"]) is int and type(got["learning_rate"]) is float
+    assert parse("--learning_rate=1") == {"learning_rate": 1.0}  # an int where a float goes
+    assert type(parse("--learning_rate=1")["learning_rate"]) is float
+    assert parse("--resume=true") == {"resume": True}  # lower case too
+    # strings are taken as written, even when they look like numbers, and may hold '='
+    assert parse("--out_dir=3", "--prompt=a=b c") == dict(out_dir="3", prompt="a=b c")
+    assert parse() == {}  # only what the command line sets
+
+
+def test_name_value_as_two_arguments_and_bare_booleans():
+    assert parse("--n_layer", "2", "--resume", "--prompt", "hi there") == dict(n_layer=2, resume=True,
+                                                                               prompt="hi there")
+    assert parse("--compile") == {"compile": True}  # a None default is a boolean
+    assert parse("--top_k", "-1") == {"top_k": -1}  # the value may start with '-'
+    assert "--n_layer needs a value" in error("--n_layer")
+
+
+def test_unknown_setting_names_it_a_close_match_and_the_list():
+    msg = error("--n_layers=2")
+    assert msg.startswith("error: unknown setting --n_layers (did you mean --n_layer?)")
+    assert "settings: out_dir, n_layer, learning_rate, resume, compile, top_k, prompt" in msg
+    assert "did you mean" not in error("--zzz=1")  # no close match: no suggestion
+
+
+def test_bad_values_and_bad_arguments():
+    assert "--n_layer takes a int (default 4), got 'two'" in error("--n_layer=two")
+    assert "--n_layer takes a int" in error("--n_layer=2.5")
+    assert "--learning_rate takes a float" in error("--learning_rate=fast")
+    assert "--resume takes a bool" in error("--resume=1")
+    assert "--name=value" in error("n_layer=2")  # not a --setting at all
+
+
+def test_help_prints_the_docstring_and_the_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        configurator.parse(["--help"], DEFAULTS, "Train a model.")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Train a model.") and "--n_layer=4" in out and "--out_dir='out'" in out
