@@ -14,8 +14,6 @@ Train a CASA vision-language model. One flat loop, in nanoGPT's manner.
 Metrics go to out_dir/log.jsonl (one JSON object a line); checkpoints to out_dir/ckpt.pt.
 """
 
-import ast
-import difflib
 import json
 import math
 import os
@@ -32,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import casa
+import configurator
 from data.loader import Dataset, answer, eval_batches, resolve_dataset, score, text_tokens
 
 # -----------------------------------------------------------------------------
@@ -85,53 +84,13 @@ SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and k.islow
 MODEL_KEYS = ["variant", "n_layer", "n_head", "n_embd", "block_size", "image_size", "patch_size",
               "n_vis_layer", "n_vis_head", "n_vis_embd", "dropout"]
 
-
-def parse_overrides(argv, settings):
-    """--name=value arguments -> {name: value}, each checked against the type of its default.
-    Strings are taken as they are; numbers and booleans are Python literals (True/False/1e-3)."""
-    out = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            sys.exit(f"error: arguments are --name=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
-        if key not in settings:
-            close = difflib.get_close_matches(key, settings, n=1)
-            sys.exit(f"error: unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
-                     + f"\nsettings: {', '.join(settings)}")
-        default = settings[key]
-        if isinstance(default, str):
-            value = text
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = {"true": True, "false": False}.get(text.lower(), text)
-            if isinstance(default, float) and type(value) is int:
-                value = float(value)
-            want = bool if default is None else type(default)
-            if type(value) is not want:
-                sys.exit(f"error: --{key} takes a {want.__name__} (default {default!r}), got {text!r}")
-        out[key] = value
-    return out
-
-
 t_start = time.time()  # wall time of the whole run, reported at the end
-cli = parse_overrides(sys.argv[1:], {k: globals()[k] for k in SETTINGS})
-globals().update(cli)
+cli = configurator.parse(sys.argv[1:], {k: globals()[k] for k in SETTINGS}, __doc__)
 
 # -----------------------------------------------------------------------------
-# processes and devices
+# processes: torchrun sets RANK; the process group starts once the device is known (below)
 ddp = int(os.environ.get("RANK", -1)) != -1
-device = casa.pick_device(device)
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-else:
-    rank, local_rank, world_size = 0, 0, 1
+rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
 master = rank == 0
 log = print if master else (lambda *a, **k: None)
 
@@ -140,37 +99,74 @@ def fail(msg):
     """A clear error and exit (every process hits the same check)."""
     if master:
         print(f"error: {msg}", file=sys.stderr)
-    if ddp:
+    if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(1)
 
 
+def read_checkpoint(path, what):
+    """casa.load_checkpoint (read, check, rebuild the model), any problem one clear error."""
+    try:
+        return casa.load_checkpoint(path)
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit the model
+        msg = str(e) if path in str(e) else f"{path}: {e}"
+        fail(f"{what}: {msg if len(msg) < 400 else msg[:400] + ' ...'}")
+
+
 # -----------------------------------------------------------------------------
-# checkpoint to resume from: its settings first, then the command line on top
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-ckpt = None
-if resume:
+# where the run starts, and so its settings:
+#   resume     out_dir/ckpt.pt: its model, optimizer, step, RNG states and settings (the command line
+#              on top of them, except the model's sizes, which cannot change)
+#   init_from  adaptation: another checkpoint's sizes and weights, this run's variant
+#   else       a fresh model from the settings
+asked = {**{k: globals()[k] for k in SETTINGS}, **cli}  # the defaults with the command line on top
+ckpt_path = os.path.join(asked["out_dir"], "ckpt.pt")
+model = ckpt = src = None
+saved = {}  # resume: the checkpoint's settings
+if asked["resume"]:
     if not os.path.exists(ckpt_path):
         fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, or objects weights_only refuses
-        fail(f"cannot read {ckpt_path}: {e}")
-    if not isinstance(ckpt, dict) or not {"model", "config", "optimizer", "train_args"} <= set(ckpt):
+    model, ckpt = read_checkpoint(ckpt_path, "cannot resume")
+    if not {"optimizer", "train_args"} <= set(ckpt):
         fail(f"{ckpt_path} is not a train.py checkpoint (no optimizer state or settings); "
              "to start from its weights use --init_from instead of --resume")
-    asked = {k: cli[k] for k in MODEL_KEYS if k in cli and not (k == "block_size" and cli[k] == 0)}
-    clash = [f"{k}={ckpt['config'].get(k)!r} (this run asks for {v!r})" for k, v in asked.items()
-             if ckpt["config"].get(k) != v]
+    config = model.config
+    clash = [f"{k}={getattr(config, k)!r} (this run asks for {v!r})" for k, v in cli.items()
+             if k in MODEL_KEYS and not (k == "block_size" and v == 0) and getattr(config, k) != v]
     if clash:
         fail(f"cannot resume {ckpt_path}: it was trained with {', '.join(clash)}. A checkpoint resumes only "
              "with the model it was made with: drop those settings, or start a fresh run in another --out_dir")
-    globals().update({k: v for k, v in ckpt["train_args"].items() if k in SETTINGS and k not in ("resume", "out_dir", "device", "compile")})
-    globals().update(cli)
-elif init_from and not os.path.exists(init_from):
-    fail(f"--init_from: checkpoint not found: {init_from}")
-if variant not in casa.VARIANTS:
-    fail(f"unknown variant {variant!r}; choose one of {', '.join(casa.VARIANTS)}")
+    saved = {k: v for k, v in ckpt["train_args"].items()
+             if k in SETTINGS and k not in ("resume", "out_dir", "device", "compile")}
+elif asked["init_from"]:
+    _, src = read_checkpoint(asked["init_from"], "--init_from")
+    sizes = src["config"]
+    clash = [f"{k}={sizes.get(k)!r} (asked {v!r})" for k, v in cli.items()
+             if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout") and sizes.get(k) != v]
+    if clash:
+        fail(f"--init_from: {asked['init_from']} has {', '.join(clash)}; the model sizes come from the checkpoint")
+    try:
+        config = casa.Config(**dict(sizes, variant=asked["variant"], dropout=asked["dropout"],
+                                    block_size=max(asked["block_size"], sizes["block_size"])))
+    except ValueError as e:
+        fail(f"--init_from: {e}")
+else:
+    try:
+        config = casa.Config(**{k: asked[k] for k in MODEL_KEYS if k != "block_size"},
+                             block_size=asked["block_size"] or 256)
+    except ValueError as e:  # an unknown variant, sizes that do not divide
+        fail(e)
+globals().update({**saved, **cli})  # the one place settings are applied: defaults < checkpoint's < command line
+
+# -----------------------------------------------------------------------------
+# devices, the process group, seeds
+device = casa.pick_device(device)
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+if ddp:
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 if compile is None:
     compile = device_type == "cuda"
 args = {k: globals()[k] for k in SETTINGS}  # the settings of this run, saved in checkpoints
@@ -179,6 +175,31 @@ random.seed(seed + rank)
 np.random.seed(seed + rank)
 torch.manual_seed(seed)  # the same initial weights in every process
 data_rng = torch.Generator().manual_seed(seed + rank)  # each process draws its own batches
+
+
+def rng_state():
+    """This process's RNG states, saved in checkpoints (one per process)."""
+    np_state = np.random.get_state()
+    return {"python": [(s := random.getstate())[0], list(s[1]), s[2]],
+            "numpy": [np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+            "data": data_rng.get_state()}
+
+
+def set_rng_state(states):
+    """Resume: back to the RNG states rng_state() saved, so the run draws what it would have drawn."""
+    if len(states) != world_size:
+        log(f"warning: checkpoint made with {len(states)} processes, now {world_size}: batches will differ")
+    st = states[rank % len(states)]
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    np.random.set_state(("MT19937", np.array(st["numpy"][0], dtype=np.uint32), *st["numpy"][1:]))
+    torch.set_rng_state(st["torch"])
+    if device_type == "cuda" and st.get("cuda") is not None:
+        torch.cuda.set_rng_state(st["cuda"])
+    data_rng.set_state(st["data"])
+
+
 dtype = torch.bfloat16 if device_type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 autocast = torch.autocast(device_type, dtype=dtype) if dtype == torch.bfloat16 else nullcontext()
 if device_type == "cuda":
@@ -186,7 +207,7 @@ if device_type == "cuda":
     torch.backends.cudnn.allow_tf32 = True
 
 # -----------------------------------------------------------------------------
-# data
+# data, its images decoded at the model's size
 t0 = time.time()
 try:
     if master:  # one process prepares a missing built-in dataset, the others wait
@@ -194,8 +215,8 @@ try:
     if ddp:
         dist.barrier()
     data_dir = resolve_dataset(dataset, prepare=False)
-    train_data = Dataset(data_dir, "train", image_size, blind=blind)
-    val_data = Dataset(data_dir, "val", image_size, blind=blind)
+    train_data = Dataset(data_dir, "train", config.image_size, blind=blind)
+    val_data = Dataset(data_dir, "val", config.image_size, blind=blind)
 except (OSError, ValueError) as e:  # DataError is a ValueError: it names the file and line
     fail(e)
 tokenizer = train_data.tokenizer
@@ -204,60 +225,27 @@ log(f"dataset {data_dir}: {len(train_data)} train / {len(val_data)} val samples,
     f"[{time.time() - t0:.1f}s]")
 
 # -----------------------------------------------------------------------------
-# model: fresh, resumed, or adapted from another checkpoint (init_from)
-pretrained = set()  # names of parameters copied from init_from (they get lr_pretrained)
-if ckpt is not None:
-    try:
-        config = casa.Config(**ckpt["config"])
-    except (TypeError, ValueError) as e:
-        fail(f"cannot resume {ckpt_path}: its model config does not fit this casa.py ({e})")
-    pretrained = set(ckpt.get("pretrained", []))
-elif init_from:
-    try:
-        src = torch.load(init_from, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"--init_from: cannot read {init_from}: {e}")
-    if not isinstance(src, dict) or "model" not in src or "config" not in src:
-        fail(f"--init_from: {init_from} is not a casa checkpoint")
-    src_config = dict(src["config"])
-    clash = [f"{k}={src_config.get(k)!r} (asked {cli[k]!r})" for k in MODEL_KEYS
-             if k in cli and k not in ("variant", "block_size", "dropout") and src_config.get(k) != cli[k]]
-    if clash:
-        fail(f"--init_from: {init_from} has {', '.join(clash)}; the model sizes come from the checkpoint")
-    src_config.update(variant=variant, dropout=dropout, block_size=max(block_size, src_config["block_size"]))
-    try:
-        config = casa.Config(**src_config)
-    except (TypeError, ValueError) as e:
-        fail(f"--init_from: {e}")
-else:
-    try:
-        config = casa.Config(**{k: globals()[k] for k in MODEL_KEYS if k != "block_size"}, block_size=block_size or 256)
-    except ValueError as e:  # an unknown variant, sizes that do not divide
-        fail(e)
-if block_size == 0 and ckpt is None:  # fit the data, at least casa's default
+# model: a resumed one is already loaded; a fresh or adapted one fits the data's longest sample
+if model is None and block_size == 0:  # at least casa's default
     need = max(train_data.max_len(), val_data.max_len())
     config.block_size = max(config.block_size, 64 * math.ceil(need / 64))
-if train_data.image_size != config.image_size:  # images must be decoded at the model's size
-    train_data = Dataset(data_dir, "train", config.image_size, blind=blind)
-    val_data = Dataset(data_dir, "val", config.image_size, blind=blind)
 try:
     train_data.check_block_size(config.block_size)
     val_data.check_block_size(config.block_size)
 except ValueError as e:
     fail(e)
-
-model = casa.VLM(config)
-if ckpt is not None:
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        fail(f"cannot resume {ckpt_path}: its weights do not fit the model ({str(e).splitlines()[0]} ...)")
+pretrained = set()  # names of parameters copied from a checkpoint (they get lr_pretrained)
+if resume:
+    pretrained = set(ckpt.get("pretrained", []))
 elif init_from:
+    model = casa.VLM(config)
     pretrained = model.copy_weights_from(src["model"])  # CA layers start from the SA weights (the paper)
     new = [n for n, _ in model.named_parameters() if n not in pretrained]
     log(f"init_from {init_from} ({src['config']['variant']} -> {config.variant}): {len(pretrained)} tensors copied, "
         f"{len(new)} new ({', '.join(sorted({n.split('.', 2)[-1] for n in new})) or 'none'})")
-    del src
+    src = None  # free memory
+else:
+    model = casa.VLM(config)
 
 
 def frozen_names(spec, model):
@@ -304,21 +292,12 @@ groups = [groups[k] for k in sorted(groups)]
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
                               fused=True if device_type == "cuda" else None)
 step = 0
-if ckpt is not None:
+if resume:  # where the checkpoint stopped: optimizer, step, RNG
     optimizer.load_state_dict(ckpt["optimizer"])
     for g, g0 in zip(optimizer.param_groups, groups):  # the lrs of this run's settings
         g["base_lr"] = g0["base_lr"]
     step = ckpt["step"]
-    states = ckpt["rng"]
-    if len(states) != world_size:
-        log(f"warning: checkpoint made with {len(states)} processes, now {world_size}: batches will differ")
-    st = states[rank % len(states)]
-    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
-    np.random.set_state(("MT19937", np.array(st["numpy"][0], dtype=np.uint32), *st["numpy"][1:]))
-    torch.set_rng_state(st["torch"])
-    if device_type == "cuda" and st.get("cuda") is not None:
-        torch.cuda.set_rng_state(st["cuda"])
-    data_rng.set_state(st["data"])
+    set_rng_state(ckpt["rng"])
     log(f"resumed {ckpt_path} at step {step}")
 ckpt = None  # free memory
 
@@ -432,15 +411,6 @@ def write_log(record):
     if master:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {"python": [(s := random.getstate())[0], list(s[1]), s[2]],
-            "numpy": [np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
-            "data": data_rng.get_state()}
 
 
 def save(step):

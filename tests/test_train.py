@@ -86,7 +86,7 @@ def test_incompatible_resume_is_refused(base, data, tmp_path):
     (tmp_path / "odd").mkdir()
     torch.save(ck, tmp_path / "odd" / "ckpt.pt")
     r = train(data, tmp_path / "odd", "--resume=True", check=False)
-    assert r.returncode != 0 and "does not fit this casa.py" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode != 0 and "this casa.py does not know" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.fixture(scope="module")
