@@ -11,7 +11,6 @@ Settings are --name=value, as in train.py. temperature=0 (the default) is greedy
 what train.py's accuracy measures; with --image, a temperature above 0 draws num_samples answers.
 """
 
-import ast
 import os
 import random
 import sys
@@ -20,6 +19,7 @@ import textwrap
 import torch
 
 import casa
+import configurator
 from data.loader import Dataset, answer, bind_images, eval_batches, resolve_dataset
 
 # -----------------------------------------------------------------------------
@@ -38,22 +38,7 @@ device = "auto"
 # -----------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
             and isinstance(v, (bool, int, float, str))}
-for arg in sys.argv[1:]:  # --name=value, typed like the default (as in train.py)
-    key, eq, text = arg.partition("=")
-    key = key[2:] if key.startswith("--") else None
-    if not eq or key not in SETTINGS:
-        sys.exit(f"error: unknown argument {arg!r}; settings (--name=value): {', '.join(SETTINGS)}")
-    value = text
-    if not isinstance(SETTINGS[key], str):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            pass
-        if isinstance(SETTINGS[key], float) and type(value) is int:
-            value = float(value)
-        if type(value) is not type(SETTINGS[key]):
-            sys.exit(f"error: --{key} takes a {type(SETTINGS[key]).__name__}, got {text!r}")
-    globals()[key] = value
+globals().update(configurator.parse(sys.argv[1:], SETTINGS, __doc__))
 
 device = casa.pick_device(device)
 torch.manual_seed(seed)

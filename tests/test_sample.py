@@ -70,4 +70,4 @@ def test_clear_errors(ckpt, tmp_path):
     r = run("sample.py", f"--ckpt={tmp_path / 'missing.pt'}", check=False)
     assert r.returncode != 0 and "checkpoint not found" in r.stderr
     r = run("sample.py", "--tempreature=1", check=False)
-    assert r.returncode != 0 and "unknown argument" in r.stderr
+    assert r.returncode != 0 and "unknown setting --tempreature (did you mean --temperature?)" in r.stderr
