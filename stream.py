@@ -21,19 +21,73 @@ Three modes:
       cache passes 80 GB.
 """
 
-import argparse
 import json
 import math
 import os
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 import casa
+import configurator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MiB = 2**20
+
+# -----------------------------------------------------------------------------
+# settings; each can be set as --name=value or --name value, a boolean as a bare --name
+SETTINGS = dict(
+    device="auto",  # auto: cuda, then mps, then cpu; or a torch device name
+    seed=1337,
+    threads=0,  # CPU threads for torch (0: torch's choice); 1 keeps timings stable on shared cores
+    # live captioning
+    ckpt="",  # a checkpoint (casa.save_checkpoint format) to caption with
+    clip="0",  # clip(s) of the dataset's val.jsonl: 3, 0-9 or all; each its own stream, summed up at the end
+    frames="",  # a folder of images (sorted by name) instead of a clip
+    data="",  # dataset folder; empty: the checkpoint's, else data/video
+    fps=0.0,  # frames per second; 0: the clip's, else 2
+    prompt=casa.IMAGE,  # each turn's prompt, with one <|image|> marker
+    clip_prompts=False,  # use the clip's own prompts (e.g. its final question)
+    max_new_tokens=24,
+    temperature=0.0,  # 0: greedy
+    top_k=0,  # 0: off
+    no_wait=False,  # don't wait for a frame's real arrival time
+    # benchmark
+    bench=False,  # run the streaming benchmark
+    turns=300,
+    image_tokens=64,  # N, a square: (image_size / patch_size)^2
+    gen_tokens=8,  # m tokens generated (and cached) per turn
+    variants=",".join(casa.VARIANTS),
+    warmup=3,  # untimed turns on a throwaway cache first
+    # a wide, shallow backbone: at batch 1 every step reads the weights and the whole KV cache, and
+    # CA's text cache after k turns, kT entries of 2*n_embd floats per layer, is kT/(8*n_embd) of the
+    # weights (~16*n_embd^2 per layer). n_embd=1024 keeps that at ~0.36 after 300 turns (CA's time to
+    # first token grew 13-26% in our CPU runs); with n_embd=384 it reaches ~1 and CA's TTFT grew up to ~35%.
+    n_layer=2,
+    n_head=16,
+    n_embd=1024,
+    patch_size=4,
+    n_vis_layer=2,
+    n_vis_head=4,
+    n_vis_embd=128,
+    max_memory="",  # e.g. 2GB, 512MiB: stop a variant before a turn whose projected memory, max(last
+    # turn's peak, weights + 2 x the formula's KV after it: the store may double), passes it; empty: no limit
+    json="",  # write the per-turn records here
+    png="",  # draw memory and TTFT against the turn here
+    # analytic
+    analytic=False,  # KV bytes of the paper's backbones, per variant
+    text_tokens=16,  # T text tokens per turn
+    analytic_image_tokens="256,1024",  # N image tokens per frame, a comma list
+)
+
+
+def parse_args(argv=None):
+    """SETTINGS with the command line (default: sys.argv[1:]) on top, as attributes: args.turns."""
+    argv = sys.argv[1:] if argv is None else argv
+    return SimpleNamespace(**{**SETTINGS, **configurator.parse(argv, SETTINGS, __doc__)})
 
 
 def sync(device):
@@ -153,7 +207,7 @@ def live_stream(args, model, tok, device, frames, prompts, refs, fps, desc):
         ids, _ = casa.encode_turn(tok, prompts[i])
         idx = torch.tensor([ids], device=device)
         out = model.generate(idx, frame[None].to(device), max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, stop_token=stop, cache=cache)
+                             temperature=args.temperature, top_k=args.top_k or None, stop_token=stop, cache=cache)
         sync(device)
         ready = time.perf_counter() - start
         new = [t for t in out[0, len(ids):].tolist() if t != stop]  # the answer; the cache also holds <|endoftext|>
@@ -179,8 +233,8 @@ def live_stream(args, model, tok, device, frames, prompts, refs, fps, desc):
 
 
 def parse_bytes(text):
-    """'2GB' -> 2e9, '512MiB' -> 536870912, '1e9' -> 1e9 (bytes)."""
-    if text is None:
+    """'2GB' -> 2e9, '512MiB' -> 536870912, '1e9' -> 1e9 (bytes); empty: None (no limit)."""
+    if text is None or text == "":
         return None
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9,
              "k": 1e3, "m": 1e6, "g": 1e9, "b": 1}
@@ -507,13 +561,18 @@ def analytic_rows(preset, image_tokens, text_tokens, budget=80e9, bytes_per_valu
 
 def analytic(args):
     T = args.text_tokens
+    try:
+        image_tokens = [int(n) for n in args.analytic_image_tokens.split(",")]
+    except ValueError:
+        raise ValueError(f"--analytic_image_tokens takes a comma list of numbers (256,1024), "
+                         f"got {args.analytic_image_tokens!r}") from None
     print(f"KV cache (keys + values, every layer, bf16), T={T} text tokens per turn; 'over 80 GB' = first turn whose "
           "KV cache alone exceeds 80e9 bytes (weights and activations come on top)")
     for name, p in PRESETS.items():
         print(f"\n{name}: {p['n_layer']} layers, {p['n_head']} heads of {p['head_dim']}, {p['n_kv_head']} K/V heads "
               f"-> {2 * p['n_kv_head'] * p['head_dim'] * 2 * p['n_layer'] / 1024:.0f} KiB per token over all layers\n"
               f"  sizes from {p['source']}")
-        for N in args.analytic_image_tokens:
+        for N in image_tokens:
             print(f"  N={N} image tokens per frame")
             print(f"    {'variant':<11} {'#KV':<32} {'per turn':>11} {'after 256 turns':>16} {'over 80 GB at turn':>19}")
             for r in analytic_rows(name, N, T):
@@ -524,57 +583,8 @@ def analytic(args):
 # -----------------------------------------------------------------------------
 
 
-def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device name")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
-                   "1 keeps timings stable when other processes share the cores")
-    live_ = p.add_argument_group("live captioning")
-    live_.add_argument("--ckpt", help="checkpoint (casa.save_checkpoint format)")
-    live_.add_argument("--clip", default="0", help="clip of the dataset's val.jsonl: an index (3), a range (0-9) "
-                       "or 'all'; each clip is its own stream, and several are summed up at the end")
-    live_.add_argument("--frames", help="a folder of images (sorted by name) instead of a clip")
-    live_.add_argument("--data", help="dataset folder (default: the checkpoint's, else data/video)")
-    live_.add_argument("--fps", type=float, default=None, help="frames per second (default: the clip's, else 2)")
-    live_.add_argument("--prompt", default=casa.IMAGE, help="each turn's prompt; one <|image|> marker")
-    live_.add_argument("--clip_prompts", action="store_true", help="use the clip's own prompts (e.g. its final question)")
-    live_.add_argument("--max_new_tokens", type=int, default=24)
-    live_.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    live_.add_argument("--top_k", type=int, default=None)
-    live_.add_argument("--no_wait", action="store_true", help="don't wait for a frame's real arrival time")
-    bench = p.add_argument_group("benchmark")
-    bench.add_argument("--bench", action="store_true", help="run the streaming benchmark")
-    bench.add_argument("--turns", type=int, default=300)
-    bench.add_argument("--image_tokens", type=int, default=64, help="N, a square: (image_size / patch_size)^2")
-    bench.add_argument("--gen_tokens", type=int, default=8, help="m tokens generated (and cached) per turn")
-    bench.add_argument("--variants", default=",".join(casa.VARIANTS))
-    bench.add_argument("--warmup", type=int, default=3, help="untimed turns on a throwaway cache first")
-    # a wide, shallow default: at batch 1 every step reads the weights and the whole KV cache, and
-    # CA's text cache after k turns, kT entries of 2*n_embd floats per layer, is kT/(8*n_embd) of the
-    # weights (~16*n_embd^2 per layer). n_embd=1024 keeps that at ~0.36 after 300 turns (CA's time to
-    # first token grew 13-26% in our CPU runs); with n_embd=384 it reaches ~1 and CA's TTFT grew up to ~35%.
-    bench.add_argument("--n_layer", type=int, default=2)
-    bench.add_argument("--n_head", type=int, default=16)
-    bench.add_argument("--n_embd", type=int, default=1024)
-    bench.add_argument("--patch_size", type=int, default=4)
-    bench.add_argument("--n_vis_layer", type=int, default=2)
-    bench.add_argument("--n_vis_head", type=int, default=4)
-    bench.add_argument("--n_vis_embd", type=int, default=128)
-    bench.add_argument("--max_memory", default=None,
-                       help="stop a variant before a turn whose projected memory, max(last turn's peak, weights + "
-                       "2 x the formula's KV after it: the store may double), passes this (e.g. 2GB, 512MiB)")
-    bench.add_argument("--json", default=None, help="write the per-turn records here")
-    bench.add_argument("--png", default=None, help="draw memory and TTFT against the turn here")
-    an = p.add_argument_group("analytic")
-    an.add_argument("--analytic", action="store_true", help="KV bytes of the paper's backbones, per variant")
-    an.add_argument("--text_tokens", type=int, default=16, help="T text tokens per turn (analytic)")
-    an.add_argument("--analytic_image_tokens", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024])
-    return p
-
-
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.analytic:
@@ -590,7 +600,7 @@ def main(argv=None):
     elif args.ckpt:
         return live(args)
     else:
-        get_parser().error("give --ckpt (live captioning), --bench or --analytic")
+        raise SystemExit("error: give --ckpt=PATH (live captioning), --bench or --analytic; --help lists the settings")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def main():
         print(f"train {v}: {train[v][0]:,.0f} text tok/s, {train[v][1] / MiB:.1f} MiB", flush=True)
 
     grid = 32 // args.patch_size
-    bench_args = stream.get_parser().parse_args([
+    bench_args = stream.parse_args([
         "--bench", f"--turns={args.turns}", f"--image_tokens={grid * grid}", f"--gen_tokens={GEN_TOKENS}",
         f"--variants={','.join(variants)}", "--n_layer=4", "--n_head=4", "--n_embd=128",
         f"--patch_size={args.patch_size}", "--n_vis_layer=2", "--n_vis_head=4", "--n_vis_embd=128",

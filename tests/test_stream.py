@@ -36,7 +36,7 @@ def one_thread():
 
 
 def bench_args(*extra):
-    return stream.get_parser().parse_args(["--bench", *TINY, *extra])
+    return stream.parse_args(["--bench", *TINY, *extra])
 
 
 @pytest.fixture(scope="module")
