@@ -4,6 +4,7 @@ Train a CASA vision-language model. One flat loop, in nanoGPT's manner.
     python train.py                                   # ca on the shapes task, ~2 min on 2 CPU cores
     python train.py --variant=insertion --n_layer=6   # any setting below as --name=value
     python train.py --blind=True                      # blank images: the blind baseline
+    python train.py --help                            # every setting and its default
     python train.py --resume=True                     # continue out_dir/ckpt.pt exactly where it stopped
     torchrun --nproc_per_node=2 train.py              # DDP: gloo on CPU, nccl on CUDA
     # adaptation (the paper's Qwen path): CA layers on a trained insertion model, initialised
