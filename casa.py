@@ -831,10 +831,18 @@ class VLM(nn.Module):
         Every returned token is in the cache afterwards, so calling again with the same cache (and a
         new image) continues the conversation: that is streaming. Rows that emitted stop_token are
         padded with it until every row has stopped."""
+        new = self.generate_tokens(idx, images, max_new_tokens, temperature, top_k, stop_token, cache)
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, images=None, max_new_tokens=32, temperature=1.0, top_k=None, stop_token=None,
+                        cache=None):
+        """generate() one token at a time: yields each new token (B, 1) as soon as it is chosen, then
+        feeds it to the cache when asked for the next. A live captioner can show (and time) the
+        first token while the rest is still to come."""
         if cache is None:
             cache = self.new_cache(idx.size(0))
         logits, _ = self(idx, images, cache=cache)
-        out = [idx]
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             last = logits[:, -1, :].clone()
@@ -843,11 +851,10 @@ class VLM(nn.Module):
             if stop_token is not None:
                 next_id = torch.where(done[:, None], stop_token, next_id)
                 done |= next_id[:, 0] == stop_token
-            out.append(next_id)
+            yield next_id
             logits, _ = self(next_id, cache=cache)
             if stop_token is not None and bool(done.all()):
-                break
-        return torch.cat(out, dim=1)
+                return
 
 
 def sample(logits, temperature=1.0, top_k=None):

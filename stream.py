@@ -269,28 +269,19 @@ def held_bytes(model, cache):
 
 
 def one_turn(model, prompt, frame, m, cache):
-    """One streaming turn, as model.generate(prompt, frame, m, temperature=0, cache=cache) does it
-    (greedy, no stop token, never the image marker), timed in two parts.
-    Returns (ttft_s, decode_s, generated ids (1, m))."""
+    """One streaming turn: model.generate_tokens greedy (no stop token), timed in two parts: the
+    first token (frame encoding + prefill of marker and <|answer|>), then the other m - 1 and the
+    feeding of all m into the cache. Returns (ttft_s, decode_s, generated ids (1, m))."""
     device = str(prompt.device)
     sync(device)
     t0 = time.perf_counter()
-    logits, _ = model(prompt, frame, cache=cache)  # frame encoding + prefill of marker and <|answer|>
-    out = [next_token(model, logits)]
+    tokens = model.generate_tokens(prompt, frame, max_new_tokens=m, temperature=0, cache=cache)
+    out = [next(tokens)]
     sync(device)
     t1 = time.perf_counter()
-    for i in range(m):  # feed every generated token: tokens 2..m come out, the m-th goes into the cache
-        logits, _ = model(out[-1], cache=cache)
-        if i < m - 1:
-            out.append(next_token(model, logits))
+    out += list(tokens)  # runs to the end: the m-th token goes into the cache too
     sync(device)
     return t1 - t0, time.perf_counter() - t1, torch.cat(out, dim=1)
-
-
-def next_token(model, logits):
-    last = logits[:, -1, :].clone()
-    last[:, model.image_id] = float("-inf")
-    return last.argmax(dim=-1, keepdim=True)
 
 
 class Session:
