@@ -957,24 +957,27 @@ def kv_formula(config):
     return "kT + (T + N)" if config.ca_text_keys else "kT + N"
 
 
-def kv_cache_entries(config, turns, text_tokens, image_tokens=None):
+def kv_cache_entries(config, turns, text_tokens, image_tokens=None, sink_tokens=0, recent_tokens=None):
     """Analytic cached entries per layer of each kind after `turns` turns, each turn one image of
-    N tokens (default: config.n_image_tokens) and T text tokens (its <|image|> marker included)."""
+    N tokens (default: config.n_image_tokens) and T text tokens (its <|image|> marker included).
+    With recent_tokens (a bounded cache, see Cache) self-attention keeps at most sink + recent."""
     k, T = turns, text_tokens
     N = config.n_image_tokens if image_tokens is None else image_tokens
     has_ca = config.layer_counts()[1] > 0
+    text = k * T if recent_tokens is None else min(k * T, sink_tokens + recent_tokens)
     return {
-        "self_attn": k * T + (k * N if config.insert_images else 0),
+        "self_attn": text + (k * N if config.insert_images else 0),
         # only the current window's image; with D5 every image so far
         "cross_attn_image": (k * N if config.ca_all_images else N) if k > 0 and has_ca else 0,
         "cross_attn_text": T if k > 0 and config.ca_text_keys else 0,  # only the current window's text
     }
 
 
-def kv_cache_bytes(config, turns, text_tokens, image_tokens=None, batch_size=1, bytes_per_value=4):
+def kv_cache_bytes(config, turns, text_tokens, image_tokens=None, batch_size=1, bytes_per_value=4, sink_tokens=0,
+                   recent_tokens=None):
     """Analytic KV-cache bytes (keys and values, every layer) after `turns` turns: the formula that
     Cache.nbytes() measures. bytes_per_value: 4 for float32, 2 for bf16."""
-    e = kv_cache_entries(config, turns, text_tokens, image_tokens)
+    e = kv_cache_entries(config, turns, text_tokens, image_tokens, sink_tokens, recent_tokens)
     n_sa, n_ca = config.layer_counts()
     per_entry = 2 * config.n_embd * bytes_per_value  # K and V, all heads
     entries = n_sa * e["self_attn"] + n_ca * (e["cross_attn_image"] + e["cross_attn_text"])

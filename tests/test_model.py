@@ -342,6 +342,25 @@ def test_bounded_cache_equals_full_forward_with_its_mask(variant):
     assert cache.entries()["self_attn"] == 2 * (S + W)
 
 
+@pytest.mark.parametrize("variant", ["ca", "ca_tv", "ca_replace"])
+def test_bounded_cache_size_follows_the_formula(variant):
+    """Turn by turn, a bounded cache holds min(kT, S + W) text entries a layer (then stays flat), as
+    kv_cache_entries / kv_cache_bytes say; the unbounded formula is the same with recent_tokens=None."""
+    model = make_model(variant)
+    T, S, W = 6, 3, 10
+    g = torch.Generator().manual_seed(4)
+    cache = model.new_cache(1, sink_tokens=S, recent_tokens=W)
+    sizes = []
+    with torch.no_grad():
+        for k in range(1, 6):
+            model(torch.tensor([[IMAGE_ID] + rand_text(T - 1, g)]), torch.rand(1, 3, 16, 16, generator=g), cache=cache)
+            want = casa.kv_cache_entries(model.config, k, T, sink_tokens=S, recent_tokens=W)
+            assert cache.entries() == want and want["self_attn"] == min(k * T, S + W)
+            assert cache.nbytes() == casa.kv_cache_bytes(model.config, k, T, sink_tokens=S, recent_tokens=W)
+            sizes.append(cache.nbytes())
+    assert sizes[1] < sizes[2] == sizes[3] == sizes[4]  # flat from turn (S + W) / T on
+
+
 @pytest.mark.parametrize("variant", ["insertion", "ca_all"])
 def test_bounded_cache_refuses_variants_that_keep_every_frame(variant):
     with pytest.raises(ValueError, match="keeps every frame's image tokens"):
