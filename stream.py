@@ -36,6 +36,7 @@ import configurator
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MiB = 2**20
+TEXT_ONLY = "text only"  # the benchmark's reference row: no image at all
 
 # -----------------------------------------------------------------------------
 # settings; each can be set as --name=value or --name value, a boolean as a bare --name
@@ -62,6 +63,11 @@ SETTINGS = dict(
     gen_tokens=8,  # m tokens generated (and cached) per turn
     variants=",".join(casa.VARIANTS),
     warmup=3,  # untimed turns on a throwaway cache first
+    text_only=True,  # add the reference row: ca's model fed the same turns with no image (its text cache alone)
+    grow=False,  # let the caches double when full instead of reserving the session's size (shows the stalls;
+    # always so with max_memory)
+    sink_tokens=0,  # with recent_tokens: the first tokens every bounded cache keeps (StreamingLLM's sinks)
+    recent_tokens=0,  # > 0: bound the text cache to sink_tokens + recent_tokens (variants with one image only)
     # a wide, shallow backbone: at batch 1 every step reads the weights and the whole KV cache, and
     # CA's text cache after k turns, kT entries of 2*n_embd floats per layer, is kT/(8*n_embd) of the
     # weights (~16*n_embd^2 per layer). n_embd=1024 keeps that at ~0.36 after 300 turns (CA's time to
@@ -289,26 +295,38 @@ class Session:
 
     def __init__(self, args, variant, device, frames):
         torch.manual_seed(args.seed)
-        self.variant, self.device, self.frames = variant, device, frames
-        self.config = bench_config(args, variant)
+        self.variant, self.device = variant, device
+        # the text-only reference: ca's model (same weights) fed the same turns, a plain byte in place
+        # of the <|image|> marker and no frame, so every turn adds the same T text tokens
+        self.text_only = variant == TEXT_ONLY
+        self.config = bench_config(args, "ca" if self.text_only else variant)
         self.model = casa.VLM(self.config).to(device).eval()
-        self.prompt = torch.tensor([casa.encode_turn(casa.get_tokenizer(), casa.IMAGE)[0]], device=device)
+        self.frames = [None] if self.text_only else frames
+        self.N = 0 if self.text_only else self.config.n_image_tokens
+        marker = "\n" if self.text_only else casa.IMAGE
+        self.prompt = torch.tensor([casa.encode_turn(casa.get_tokenizer(), marker)[0]], device=device)
         self.m = args.gen_tokens
         self.T = self.prompt.size(1) + self.m  # text tokens a turn leaves in the cache: marker, <|answer|>, m generated
+        self.bound = dict(sink_tokens=args.sink_tokens, recent_tokens=args.recent_tokens or None)
+        # reserve the whole session's cache up front (no call ever grows a store, so none stalls),
+        # sized by the same formula the benchmark checks the cache against; under --max_memory the
+        # caches grow instead, so that memory is spent only as the stream goes on
+        grow = args.grow or args.max_memory
+        reserve = None if grow else casa.kv_cache_entries(self.config, args.turns, self.T, self.N, **self.bound)
         self.params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.elem = next(self.model.parameters()).element_size()
         self.records, self.failures, self.stopped, self.last_peak, self.seconds = [], [], None, 0, 0.0
         # warm-up on a throwaway cache: one-time costs (allocator, kernel choice, lazy init) are
         # paid here, so the first timed turns measure streaming and not start-up
-        warm = self.model.new_cache(1)
+        warm = self.model.new_cache(1, **self.bound)
         for i in range(args.warmup):
-            one_turn(self.model, self.prompt, frames[i % len(frames)], self.m, warm)
-        self.cache = self.model.new_cache(1)
+            one_turn(self.model, self.prompt, self.frames[i % len(self.frames)], self.m, warm)
+        self.cache = self.model.new_cache(1, capacity=reserve, **self.bound)
 
     def fits(self, k, budget):
         """Would turn k (k turns done) stay within the budget? Projected memory: the last turn's
         peak, or the weights plus twice the formula's KV after the turn (the store may double)."""
-        kv = casa.kv_cache_bytes(self.config, k + 1, self.T, bytes_per_value=self.elem)
+        kv = casa.kv_cache_bytes(self.config, k + 1, self.T, self.N, bytes_per_value=self.elem, **self.bound)
         return budget is None or max(self.last_peak, self.params + 2 * kv) <= budget
 
     def turn(self, k, log=print):
@@ -321,8 +339,8 @@ class Session:
         self.seconds += time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() - others if cuda else held_bytes(self.model, self.cache)
         entries, nbytes = self.cache.entries(), self.cache.nbytes()
-        want_entries = casa.kv_cache_entries(self.config, k + 1, self.T)
-        want_bytes = casa.kv_cache_bytes(self.config, k + 1, self.T, bytes_per_value=self.elem)
+        want_entries = casa.kv_cache_entries(self.config, k + 1, self.T, self.N, **self.bound)
+        want_bytes = casa.kv_cache_bytes(self.config, k + 1, self.T, self.N, bytes_per_value=self.elem, **self.bound)
         if entries != want_entries or nbytes != want_bytes:
             self.failures.append(f"{self.variant} turn {k}: entries {entries} (formula {want_entries}), "
                                  f"bytes {nbytes} (formula {want_bytes})")
@@ -347,7 +365,15 @@ def run_bench(args, log=print):
     for v in variants:
         if v not in casa.VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {', '.join(casa.VARIANTS)}")
-    c = bench_config(args, variants[0])
+    if args.recent_tokens:  # a bounded cache needs one image in the CA layers: the others are shown by formula
+        keeps_frames = [v for v in variants if casa.Config(variant=v).insert_images or casa.Config(variant=v).ca_all_images]
+        variants = [v for v in variants if v not in keeps_frames]
+        if not variants:
+            raise ValueError("--recent_tokens bounds the text cache of variants with one image in their CA layers; "
+                             f"{', '.join(keeps_frames)} keep every frame: pick e.g. --variants=ca")
+    if args.text_only:
+        variants.append(TEXT_ONLY)
+    c = bench_config(args, variants[0] if variants[0] != TEXT_ONLY else "ca")
     gen = torch.Generator().manual_seed(args.seed)
     frames = [torch.rand(1, 3, c.image_size, c.image_size, generator=gen).to(device) for _ in range(8)]
     T = 2 + args.gen_tokens
@@ -377,6 +403,10 @@ def run_bench(args, log=print):
     log(f"total {time.perf_counter() - t_start:.1f}s")
     records = [r for s in sessions for r in s.records]
     log(summary_table(sessions, args))
+    if args.recent_tokens:  # what insertion would hold for the same stream (it cannot be bounded)
+        ins = bench_config(args, "insertion")
+        kv = casa.kv_cache_bytes(ins, args.turns, T, bytes_per_value=sessions[0].elem)
+        log(f"insertion on the same stream (casa.kv_cache_bytes, unbounded): {format_bytes(kv)} after {args.turns} turns")
     failures = [f for s in sessions for f in s.failures]
     n = len(records)
     log(f"formula check (cache.entries() == kv_cache_entries, cache.nbytes() == kv_cache_bytes): "
@@ -394,15 +424,28 @@ def run_bench(args, log=print):
     return records
 
 
+def ttft_stats(ttft):
+    """Per-turn times to first token (ms) -> median, p99, max, and growth: the mean of the last 10%
+    of turns over the mean of the first 10%."""
+    import statistics
+
+    t, n = sorted(ttft), max(1, len(ttft) // 10)
+    return dict(median=statistics.median(t), p99=t[round(0.99 * (len(t) - 1))], max=t[-1],
+                first=statistics.mean(ttft[:n]), last=statistics.mean(ttft[-n:]),
+                growth=statistics.mean(ttft[-n:]) / statistics.mean(ttft[:n]))
+
+
 def summary_table(sessions, args):
-    """Markdown table: mean over the first 10% of turns -> mean over the last 10%."""
-    rows = ["| variant | #KV (per layer) | TTFT ms | decode tok/s | cached entries | KV MiB | peak MiB | note |",
-            "|---|---|---|---|---|---|---|---|"]
+    """Markdown table: TTFT median / p99 / max (a stall shows as max far above the median) and its
+    growth; the other columns are means over the first 10% of turns -> the last 10%."""
+    rows = ["| variant | #KV (per layer) | TTFT ms median | p99 | max | max / median | TTFT growth | "
+            "decode tok/s | cached entries | KV MiB | peak MiB | note |", "|---" * 12 + "|"]
     for s in sessions:
         v, recs = s.variant, s.records
+        kv = "kT" if s.text_only else casa.kv_formula(s.config)
         note = f"stopped at turn {s.stopped} (budget {format_bytes(args.max_memory)})" if s.stopped is not None else ""
         if not recs:
-            rows.append(f"| {v} | {casa.kv_formula(s.config)} | | | | | | {note} |")
+            rows.append(f"| {v} | {kv} |" + " |" * 9 + f" {note} |")
             continue
         n = max(1, len(recs) // 10)
         first, last = recs[:n], recs[-n:]
@@ -412,27 +455,24 @@ def summary_table(sessions, args):
             b = sum(r[key] for r in last) / n * scale
             return f"{a:{fmt}} → {b:{fmt}}"
 
-        rows.append(f"| {v} | {casa.kv_formula(s.config)} | {span('ttft_ms', '.1f')} | {span('decode_tok_s', '.0f')} | "
-                    f"{span('cached_entries', '.0f')} | {span('kv_bytes', '.2f', 1 / MiB)} | "
-                    f"{span('peak_bytes', '.1f', 1 / MiB)} | {note} |")
+        t = ttft_stats([r["ttft_ms"] for r in recs])
+        rows.append(f"| {v} | {kv} | {t['median']:.1f} | {t['p99']:.1f} | {t['max']:.1f} | {t['max'] / t['median']:.2f} | "
+                    f"{t['growth']:.2f} | {span('decode_tok_s', '.0f')} | {span('cached_entries', '.0f')} | "
+                    f"{span('kv_bytes', '.2f', 1 / MiB)} | {span('peak_bytes', '.1f', 1 / MiB)} | {note} |")
     return "\n".join(rows)
 
 
 def ratios(records):
-    """Per variant: TTFT mean (and median) over the first and last 10% of turns, their ratio, and
-    insertion's last-10% mean TTFT over this variant's."""
-    import statistics
-
+    """Per variant: TTFT statistics (ttft_stats), insertion's last-10% mean over this variant's, and
+    this variant's growth over the text-only reference's (1.0: the growth is the text cache's)."""
     out = {}
     for v in dict.fromkeys(r["variant"] for r in records):
-        t = [r["ttft_ms"] for r in records if r["variant"] == v]
-        n = max(1, len(t) // 10)
-        out[v] = dict(first=statistics.mean(t[:n]), last=statistics.mean(t[-n:]),
-                      median_ratio=statistics.median(t[-n:]) / statistics.median(t[:n]))
-        out[v]["ratio"] = out[v]["last"] / out[v]["first"]
-    if "insertion" in out:
-        for v in out:
+        out[v] = ttft_stats([r["ttft_ms"] for r in records if r["variant"] == v])
+    for v in out:
+        if "insertion" in out:
             out[v]["insertion_over_this"] = out["insertion"]["last"] / out[v]["last"]
+        if TEXT_ONLY in out:
+            out[v]["growth_over_text_only"] = out[v]["growth"] / out[TEXT_ONLY]["growth"]
     return out
 
 
@@ -585,9 +625,11 @@ def main(argv=None):
         for v, x in ratios(records).items():
             extra = ""
             if v != "insertion" and "insertion_over_this" in x:
-                extra = f"; insertion / {v}, last 10%: {x['insertion_over_this']:.1f}x"
-            print(f"TTFT {v}: first 10% {x['first']:.1f} ms -> last 10% {x['last']:.1f} ms, ratio {x['ratio']:.2f} "
-                  f"(of medians {x['median_ratio']:.2f}){extra}")
+                extra += f"; insertion / {v}, last 10%: {x['insertion_over_this']:.1f}x"
+            if v != TEXT_ONLY and "growth_over_text_only" in x:
+                extra += f"; growth / text-only growth: {x['growth_over_text_only']:.3f}"
+            print(f"TTFT {v}: first 10% {x['first']:.1f} ms -> last 10% {x['last']:.1f} ms, growth {x['growth']:.3f}, "
+                  f"median {x['median']:.1f}, max {x['max']:.1f} ms ({x['max'] / x['median']:.2f} x median){extra}")
     elif args.ckpt:
         return live(args)
     else:

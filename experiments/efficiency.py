@@ -125,7 +125,7 @@ def main():
         "--bench", f"--turns={args.turns}", f"--image_tokens={grid * grid}", f"--gen_tokens={GEN_TOKENS}",
         f"--variants={','.join(variants)}", "--n_layer=4", "--n_head=4", "--n_embd=128",
         f"--patch_size={args.patch_size}", "--n_vis_layer=2", "--n_vis_head=4", "--n_vis_embd=128",
-        f"--device={device}"])
+        f"--device={device}", "--text_only=False"])
     records = stream.run_bench(bench_args, log=lambda *a: None)
     by_variant = {}
     for r in records:

@@ -50,7 +50,10 @@ def records(tmp_path_factory):
 def test_bench_records_fields_and_formula(records):
     args = bench_args()
     T = 2 + args.gen_tokens  # <|image|>, <|answer|> and every generated token are cached
-    assert len(records) == 6 * len(casa.VARIANTS)
+    assert len(records) == 6 * (len(casa.VARIANTS) + 1)  # and the text-only reference row
+    text_only = [r for r in records if r["variant"] == stream.TEXT_ONLY]
+    ca = stream.bench_config(args, "ca")  # its model, fed no image: the text cache alone
+    assert [r["kv_bytes"] for r in text_only] == [casa.kv_cache_bytes(ca, k, T, image_tokens=0) for k in range(1, 7)]
     for v in casa.VARIANTS:
         recs = [r for r in records if r["variant"] == v]
         assert [r["turn"] for r in recs] == list(range(6))
@@ -132,8 +135,8 @@ def test_cli_bench(tmp_path):
                           "--variants", "ca,insertion", "--json", str(out), "--png", str(png)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "| insertion | kT + kN |" in res.stdout and "all 6 turns match" in res.stdout
-    assert len(json.loads(out.read_text())) == 6
+    assert "| insertion | kT + kN |" in res.stdout and "all 9 turns match" in res.stdout  # ca, insertion, text only
+    assert len(json.loads(out.read_text())) == 9
     with Image.open(png) as img:
         assert img.size[0] > 800 and img.size[1] > 300
 
@@ -224,3 +227,48 @@ def test_live_captioning_scores_several_clips(tmp_path, capsys):
     assert f"all 2 clips: 6 frames;" in out and f"exactly right {n_right}/6" in out
     with pytest.raises(IndexError, match="out of range"):
         stream.main(["--ckpt", str(ckpt), "--clip", "0-5", "--no_wait", "--device", "cpu"])
+
+
+def test_bench_bounded_cache_stays_flat():
+    """--recent_tokens: every turn still matches the (bounded) formula, and the cache stops growing
+    once sink + recent text tokens are in; insertion is left out and its unbounded size printed."""
+    lines = []
+    args = bench_args("--turns", "8", "--variants", "ca,ca_tv,insertion", "--sink_tokens", "4", "--recent_tokens", "20")
+    recs = stream.run_bench(args, log=lines.append)
+    assert {r["variant"] for r in recs} == {"ca", "ca_tv", stream.TEXT_ONLY}
+    T = 2 + args.gen_tokens
+    for v in ("ca", "ca_tv"):
+        entries = [r["cached_entries"] for r in recs if r["variant"] == v]
+        config = stream.bench_config(args, v)
+        assert entries == [sum(casa.kv_cache_entries(config, k, T, sink_tokens=4, recent_tokens=20).values())
+                           for k in range(1, 9)]
+        assert entries[3] < entries[4] == entries[-1]  # 5 text tokens a turn: flat from the 5th turn (24 = 4 + 20)
+    assert any(line.startswith("insertion on the same stream") for line in lines)
+    with pytest.raises(ValueError, match="keep every frame"):
+        stream.run_bench(bench_args("--variants", "insertion", "--recent_tokens", "20"), log=lambda *a: None)
+
+
+def test_bench_reserves_the_session_up_front():
+    """Without --grow no store is ever reallocated during the timed turns (so no turn stalls on a
+    copy); with --grow the stores double as they fill."""
+    def allocations(*extra):
+        seen = {}
+        real = casa.KVStore.begin
+
+        def spy(store, n, dtype):
+            before = {i: t.data_ptr() for i, t in store.k.items()}
+            real(store, n, dtype)
+            after = {i: t.data_ptr() for i, t in store.k.items()}
+            seen[id(store)] = seen.get(id(store), 0) + (before != after)
+
+        casa.KVStore.begin = spy
+        try:
+            stream.run_bench(bench_args("--turns", "12", "--warmup", "0", "--variants", "ca,insertion",
+                                        "--text_only=False", *extra), log=lambda *a: None)
+        finally:
+            casa.KVStore.begin = real
+        return sum(seen.values())
+
+    stores_with_layers = 2 + 1  # ca: SA and CA image stores; insertion: SA
+    assert allocations() == stores_with_layers  # each allocated once, at the first turn
+    assert allocations("--grow") > stores_with_layers
