@@ -10,11 +10,18 @@ Three modes:
       "<|image|><|answer|>" + the model's commentary, appended to the same cache. One line per frame:
       its time in the video, when the line was ready (wall clock since the start) and the delay.
 
+  side by side      python stream.py --compare ca.pt,insertion.pt --clip 0-9 --fps 20
+      The clips played back to back, captioned by each model on a simulated real-time clock (a turn
+      starts when its frame has arrived and the model is free): whose delay grows, whose does not.
+
   benchmark         python stream.py --bench [--turns 300] [--image_tokens 64] [--gen_tokens 8]
       Every variant on the same backbone with random weights, batch 1, K turns of one N-token frame
       plus m greedy tokens. Per turn: time to first token, decode speed, cached entries, KV bytes,
       peak memory; the measured cache is checked against casa.kv_cache_bytes/kv_cache_entries.
-      Prints a table (first 10% of turns -> last 10%), writes --json and draws --png.
+      Caches are reserved for the whole session (no turn stalls on a copy; --grow to see the stalls),
+      and a text-only row (ca's model, no image) shows how much growth the text cache alone causes.
+      --recent_tokens W [--sink_tokens S] bounds the text cache (StreamingLLM) for endless streams.
+      Prints a table (TTFT median / p99 / max, growth), writes --json and draws --png.
 
   analytic          python stream.py --analytic
       KV-cache bytes per turn for the paper's backbones (bf16), and the turn at which each variant's
@@ -52,10 +59,12 @@ SETTINGS = dict(
     fps=0.0,  # frames per second; 0: the clip's, else 2
     prompt=casa.IMAGE,  # each turn's prompt, with one <|image|> marker
     clip_prompts=False,  # use the clip's own prompts (e.g. its final question)
-    max_new_tokens=24,
+    max_new_tokens=64,  # bytes: a caption of n characters takes n tokens (the longest built-in one: 48)
     temperature=0.0,  # 0: greedy
     top_k=0,  # 0: off
     no_wait=False,  # don't wait for a frame's real arrival time
+    compare="",  # several checkpoints (a.pt,b.pt): the clips played back to back, captioned side by side
+    compare_json="",  # with compare: write every frame's times and captions here
     # benchmark
     bench=False,  # run the streaming benchmark
     turns=300,
@@ -232,6 +241,84 @@ def live_stream(args, model, tok, device, frames, prompts, refs, fps, desc):
           f"{sum(delays) / len(delays):+.3f}s, max {max(delays):+.3f}s{exact}; cache {cache.nbytes() / MiB:.2f} MiB, "
           f"entries per layer {e}")
     return delays, right
+
+
+def caption_stream(model, tok, clips, fps, max_new_tokens, stop, bound):
+    """One model captions clips played back to back as one stream, on a simulated real-time clock:
+    frame i of the stream arrives at i/fps, its turn starts when it has arrived and the model is
+    free, and ends after the measured compute time. A model slower than the frame interval falls
+    behind and its delay keeps growing, exactly as it would live; models run one after another, so
+    they do not disturb each other's timings. Each clip starts a fresh cache: a new clip is a new
+    conversation, as in training (a cache carried across clips takes the toy models far past the
+    contexts they were trained on). clips: [(frames (K, 3, S, S), prompts [K])].
+    Returns a list of dicts (arrival, done, compute, delay, text), one per frame."""
+    device = model.lm_head.weight.device
+    clock, out = 0.0, []
+    for frames, prompts in clips:
+        cache = model.new_cache(1, **bound)
+        for frame, prompt in zip(frames, prompts):
+            arrival = len(out) / fps
+            ids, _ = casa.encode_turn(tok, prompt)
+            sync(device)
+            t0 = time.perf_counter()
+            gen = model.generate(torch.tensor([ids], device=device), frame[None].to(device),
+                                 max_new_tokens=max_new_tokens, temperature=0, stop_token=stop, cache=cache)
+            sync(device)
+            compute = time.perf_counter() - t0
+            clock = max(arrival, clock) + compute
+            text = tok.decode([t for t in gen[0, len(ids):].tolist() if t != stop]).replace("\n", " ")
+            out.append(dict(arrival=arrival, done=clock, compute=compute, delay=clock - arrival, text=text))
+    return out
+
+
+@torch.inference_mode()
+def compare(args):
+    """Live captioning by several checkpoints side by side (--compare a.pt,b.pt): the chosen clips
+    (--clip 0-9) played back to back as one stream at --fps, greedy. Prints each frame's delay and
+    caption per model, and a summary. Returns {checkpoint: [one dict per frame]}."""
+    device = casa.pick_device(args.device)
+    paths = [p for p in args.compare.split(",") if p]
+    models = [casa.load_checkpoint(p, device=device) for p in paths]
+    folder, clips = read_clips(args, models[0][1])
+    indices = clip_indices(str(args.clip), len(clips))
+    fps = args.fps or clips[indices[0]].get("fps", 2.0)
+    tok = casa.get_tokenizer()
+    stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
+    results, refs = {}, []
+    for path, (model, _) in zip(paths, models):
+        model.eval()
+        stream_clips, refs = [], []
+        for i in indices:
+            frames, prompts, r, _, _ = load_frames(args, model.config.image_size, folder, clips[i], i)
+            stream_clips.append((frames, prompts))
+            refs += r if r is not None else [None] * len(frames)
+        bound = {}
+        if args.recent_tokens and not (model.config.insert_images or model.config.ca_all_images):
+            bound = dict(sink_tokens=args.sink_tokens, recent_tokens=args.recent_tokens)
+        caption_stream(model, tok, stream_clips[:1], fps, args.max_new_tokens, stop, bound)  # warm-up, untimed
+        results[path] = caption_stream(model, tok, stream_clips, fps, args.max_new_tokens, stop, bound)
+    names = [f"{m.config.variant} ({os.path.basename(os.path.dirname(p)) or p})" for p, (m, _) in zip(paths, models)]
+    print(f"live captioning, side by side: clips {args.clip} of {folder}/val.jsonl played back to back, "
+          f"{len(refs)} frames at {fps:g} fps (a frame every {1000 / fps:.0f} ms), {device}, "
+          f"{torch.get_num_threads()} thread(s); simulated real time: a turn starts when its frame has arrived and "
+          "the model is free, and takes its measured compute time; delay = when its caption is ready - the frame's time")
+    print(" frame | video t | " + " | ".join(f"{n}: delay, caption" for n in names))
+    for i in range(len(refs)):
+        cells = [f"{results[p][i]['delay']:+6.2f}s {results[p][i]['text']}" for p in paths]
+        print(f"{i:6d} | {i / fps:6.2f}s | " + " | ".join(cells) + (f"   [ref: {refs[i]}]" if refs[i] else ""))
+    n = max(1, len(refs) // 10)
+    for name, p in zip(names, paths):
+        r = results[p]
+        right = sum(x["text"].strip() == ref.strip() for x, ref in zip(r, refs) if ref is not None)
+        print(f"{name}: compute per frame {1000 * sum(x['compute'] for x in r) / len(r):.1f} ms on average "
+              f"(frame interval {1000 / fps:.0f} ms); delay over the first 10% of frames "
+              f"{sum(x['delay'] for x in r[:n]) / n:+.2f}s, last 10% {sum(x['delay'] for x in r[-n:]) / n:+.2f}s, "
+              f"max {max(x['delay'] for x in r):+.2f}s; exactly right {right}/{sum(ref is not None for ref in refs)}")
+    if args.compare_json:
+        with open(args.compare_json, "w") as f:
+            json.dump(dict(fps=fps, clips=args.clip, names=names, refs=refs, results=[results[p] for p in paths]), f)
+        print(f"wrote {args.compare_json}")
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -630,6 +717,8 @@ def main(argv=None):
                 extra += f"; growth / text-only growth: {x['growth_over_text_only']:.3f}"
             print(f"TTFT {v}: first 10% {x['first']:.1f} ms -> last 10% {x['last']:.1f} ms, growth {x['growth']:.3f}, "
                   f"median {x['median']:.1f}, max {x['max']:.1f} ms ({x['max'] / x['median']:.2f} x median){extra}")
+    elif args.compare:
+        return compare(args)
     elif args.ckpt:
         return live(args)
     else:

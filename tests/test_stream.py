@@ -145,10 +145,10 @@ def test_cli_bench(tmp_path):
 # live captioning
 
 
-def tiny_checkpoint(path, **extra):
+def tiny_checkpoint(path, variant="ca", **extra):
     torch.manual_seed(0)
     config = casa.Config(n_layer=1, n_head=2, n_embd=32, image_size=16, patch_size=4,
-                         n_vis_layer=1, n_vis_head=2, n_vis_embd=32)
+                         n_vis_layer=1, n_vis_head=2, n_vis_embd=32, variant=variant)
     casa.save_checkpoint(path, casa.VLM(config), **extra)
 
 
@@ -272,3 +272,42 @@ def test_bench_reserves_the_session_up_front():
     stores_with_layers = 2 + 1  # ca: SA and CA image stores; insertion: SA
     assert allocations() == stores_with_layers  # each allocated once, at the first turn
     assert allocations("--grow") > stores_with_layers
+
+
+def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
+    """--compare: two checkpoints caption the same clips played back to back. Each model's captions
+    are what generate gives with a fresh cache per clip, and its delays follow the real-time clock:
+    a turn starts at max(its frame's arrival, the previous turn's end) and lasts its compute time."""
+    data = tmp_path / "video"
+    names = write_frames(data / "images", 5)
+    clips = [{"images": [f"images/{n}" for n in names[a:b]], "task": "video_caption", "fps": 2,
+              "turns": [{"prompt": casa.IMAGE, "answer": f"line {i}"} for i in range(a, b)]} for a, b in ((0, 3), (3, 5))]
+    (data / "val.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clips))
+    paths = [tmp_path / "ca.pt", tmp_path / "ins.pt"]
+    tiny_checkpoint(paths[0], dataset_dir=str(data))
+    tiny_checkpoint(paths[1], variant="insertion", dataset_dir=str(data))
+    fps = 40.0
+    results = stream.main(["--compare", f"{paths[0]},{paths[1]}", "--clip", "0-1", "--fps", str(fps),
+                           "--max_new_tokens", "4", "--device", "cpu", "--compare_json", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert "exactly right 0/5" in out and len(json.loads((tmp_path / "c.json").read_text())["results"]) == 2
+    tok = casa.get_tokenizer()
+    stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
+    for path in paths:
+        frames = results[str(path)]
+        assert len(frames) == 5
+        done = 0.0
+        for i, f in enumerate(frames):
+            assert f["arrival"] == pytest.approx(i / fps)
+            done = max(f["arrival"], done) + f["compute"]
+            assert f["done"] == pytest.approx(done) and f["delay"] == pytest.approx(done - i / fps)
+        model, _ = casa.load_checkpoint(str(path))
+        want = []
+        for clip in clips:
+            cache = model.new_cache(1)
+            for name in clip["images"]:
+                img = casa.load_image(data / name, model.config.image_size)[None]
+                ids = torch.tensor([casa.encode_turn(tok, casa.IMAGE)[0]])
+                gen = model.generate(ids, img, max_new_tokens=4, temperature=0, stop_token=stop, cache=cache)
+                want.append(tok.decode([t for t in gen[0, ids.size(1):].tolist() if t != stop]).replace("\n", " "))
+        assert [f["text"] for f in frames] == want
