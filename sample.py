@@ -14,13 +14,13 @@ what train.py's accuracy measures; with --image, a temperature above 0 draws num
 import os
 import random
 import sys
-import textwrap
 
 import torch
 
 import casa
 import configurator
 from data.loader import Dataset, answer, bind_images, eval_batches, resolve_dataset
+from experiments import plots
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"
@@ -105,49 +105,17 @@ if not image:
     print(f"exact match: {right}/{len(rows)}")
 
 
-# -----------------------------------------------------------------------------
 # the picture: each sample's images (as the model sees them, upscaled), its text below
-def draw_grid(rows, path, cell=160, cols=4):
-    from PIL import Image, ImageDraw, ImageFont
-
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1: the bitmap font
-        font = ImageFont.load_default()
-    wrap = max(12, cell // 7)
-    blocks = []
+if grid:
+    cells = []
     for it in rows:
-        pics = [Image.frombytes("RGB", (S, S), (img.permute(1, 2, 0) * 255).round().byte().contiguous().numpy().tobytes())
-                for img in it["images"]]
-        lines = [(line, (0, 0, 0)) for line in textwrap.wrap("Q: " + it["prompt"].replace(casa.IMAGE, "<img>"), wrap)]
         pred = preds[id(it)]
+        lines = [("Q: " + it["prompt"].replace(casa.IMAGE, "<img>"), (0, 0, 0))]
         if it["truth"] is not None:
             ok = pred.strip() == it["truth"].strip()
-            lines += [(line, (0, 0, 0)) for line in textwrap.wrap("truth: " + it["truth"], wrap)]
-            lines += [(line, (0, 140, 0) if ok else (200, 0, 0)) for line in textwrap.wrap("pred: " + pred, wrap)]
+            lines += [("truth: " + it["truth"], (0, 0, 0)), ("pred: " + pred, (0, 140, 0) if ok else (200, 0, 0))]
         else:
-            lines += [(line, (0, 0, 160)) for line in textwrap.wrap("answer: " + pred, wrap)]
-        blocks.append((pics, lines))
-    line_h = 16
-    text_h = line_h * max(len(lines) for _, lines in blocks) + 8
-    cols = min(cols, len(blocks))
-    width = cell + 10
-    canvas = Image.new("RGB", (cols * width + 10, ((len(blocks) + cols - 1) // cols) * (cell + text_h + 10) + 10),
-                       "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (pics, lines) in enumerate(blocks):
-        x0, y0 = 10 + (i % cols) * width, 10 + (i // cols) * (cell + text_h + 10)
-        if pics:  # several images side by side in the cell
-            side = cell // len(pics)
-            for j, pic in enumerate(pics):
-                canvas.paste(pic.resize((side, side), Image.NEAREST), (x0 + j * side, y0 + (cell - side) // 2))
-        else:
-            draw.text((x0 + 4, y0 + cell // 2), "(no image)", fill=(120, 120, 120), font=font)
-        for k, (text, color) in enumerate(lines):
-            draw.text((x0, y0 + cell + 4 + k * line_h), text, fill=color, font=font)
-    canvas.save(path)
-    print(f"wrote {path} ({len(blocks)} samples)")
-
-
-if grid:
-    draw_grid(rows, grid)
+            lines += [("answer: " + pred, (0, 0, 160))]
+        cells.append((list(it["images"]), lines))
+    plots.image_grid(cells, grid)
+    print(f"wrote {grid} ({len(cells)} samples)")

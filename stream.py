@@ -39,6 +39,7 @@ import torch
 
 import casa
 import configurator
+from experiments import plots
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -65,6 +66,7 @@ SETTINGS = dict(
     no_wait=False,  # don't wait for a frame's real arrival time
     compare="",  # several checkpoints (a.pt,b.pt): the clips played back to back, captioned side by side
     compare_json="",  # with compare: write every frame's times and captions here
+    compare_png="",  # with compare: draw the first clip's frames with each model's captions and delays here
     # benchmark
     bench=False,  # run the streaming benchmark
     turns=300,
@@ -284,13 +286,14 @@ def compare(args):
     fps = args.fps or clips[indices[0]].get("fps", 2.0)
     tok = casa.get_tokenizer()
     stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
-    results, refs = {}, []
+    results, refs, first_clip = {}, [], None
     for path, (model, _) in zip(paths, models):
         model.eval()
         stream_clips, refs = [], []
         for i in indices:
             frames, prompts, r, _, _ = load_frames(args, model.config.image_size, folder, clips[i], i)
             stream_clips.append((frames, prompts))
+            first_clip = first_clip if first_clip is not None else frames
             refs += r if r is not None else [None] * len(frames)
         bound = {}
         if args.recent_tokens and not (model.config.insert_images or model.config.ca_all_images):
@@ -314,6 +317,10 @@ def compare(args):
               f"(frame interval {1000 / fps:.0f} ms); delay over the first 10% of frames "
               f"{sum(x['delay'] for x in r[:n]) / n:+.2f}s, last 10% {sum(x['delay'] for x in r[-n:]) / n:+.2f}s, "
               f"max {max(x['delay'] for x in r):+.2f}s; exactly right {right}/{sum(ref is not None for ref in refs)}")
+    if args.compare_png:
+        k = len(first_clip)
+        plots.caption_strip(first_clip, names, [results[p][:k] for p in paths], refs[:k], fps, args.compare_png)
+        print(f"wrote {args.compare_png}")
     if args.compare_json:
         with open(args.compare_json, "w") as f:
             json.dump(dict(fps=fps, clips=args.clip, names=names, refs=refs, results=[results[p] for p in paths]), f)
@@ -503,7 +510,7 @@ def run_bench(args, log=print):
             json.dump(records, f, indent=0)
         log(f"wrote {len(records)} records to {args.json}")
     if args.png and records:
-        draw_png(records, args.png, title=f"streaming, {c.n_image_tokens} image + {T} text tokens per turn, "
+        plots.line_panels(records, args.png, PANELS, title=f"streaming, {c.n_image_tokens} image + {T} text tokens per turn, "
                  f"{c.n_layer}x{c.n_embd} backbone, {device}")
         log(f"wrote {args.png}")
     if failures:
@@ -563,84 +570,9 @@ def ratios(records):
     return out
 
 
-# -----------------------------------------------------------------------------
-# The plot: two panels (memory, time to first token) against the turn, one line per variant
-
-
-COLORS = {"ca": (31, 119, 180), "ca_shared": (44, 160, 44), "ca_tv": (148, 103, 189),
-          "ca_replace": (140, 86, 75), "ca_ffn": (23, 190, 207), "ca_all": (255, 127, 14),
-          "insertion": (214, 39, 40)}
-
-
-def nice_ticks(lo, hi, n=5):
-    """About n round tick values covering [lo, hi]."""
-    if hi <= lo:
-        hi = lo + 1
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
-    start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
-
-
-PANELS = (("peak_bytes", "memory (MiB)", 1 / MiB), ("ttft_ms", "time to first token (ms)", 1.0))
-
-
-def draw_png(records, path, title="", panels=PANELS):
-    """Pillow plot: one panel per (record key, axis label, scale), the turn on x, a line per variant."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    def font(size):
-        try:
-            return ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1: the fixed bitmap font
-            return ImageFont.load_default()
-
-    small, big = font(14), font(18)
-    W, H, pad_l, pad_r, pad_t, pad_b = 1400, 560, 90, 30, 70, 70
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    d.text((W // 2, 22), title, fill="black", font=big, anchor="mm")
-    variants = list(dict.fromkeys(r["variant"] for r in records))
-    panel_w = (W - 2 * pad_l - 2 * pad_r) // 2
-    for p, (key, label, scale) in enumerate(panels):
-        x0 = pad_l + p * (panel_w + pad_l + pad_r)
-        x1, y0, y1 = x0 + panel_w, pad_t, H - pad_b
-        turns = [r["turn"] for r in records]
-        values = sorted(r[key] * scale for r in records)
-        # rare spikes (e.g. a KV store doubling its capacity) would flatten everything else: the
-        # axis stops a little above the 99th percentile and taller points are drawn at its top
-        top = min(values[-1], 1.3 * values[int(0.99 * (len(values) - 1))])
-        tx = nice_ticks(0, max(turns) + 1)
-        ty = nice_ticks(0, top * 1.05)
-        n_clipped = sum(v > ty[-1] for v in values)
-        if n_clipped:
-            label += f"; {n_clipped} spikes above {ty[-1]:g} cut"
-        X = lambda t: x0 + (x1 - x0) * t / tx[-1]  # noqa: E731
-        Y = lambda v: y1 - (y1 - y0) * min(v, ty[-1]) / ty[-1]  # noqa: E731
-        for t in tx:
-            d.line([(X(t), y1), (X(t), y1 + 5)], fill="black")
-            d.line([(X(t), y0), (X(t), y1)], fill=(235, 235, 235))
-            d.text((X(t), y1 + 8), f"{t:g}", fill="black", font=small, anchor="mt")
-        for v in ty:
-            d.line([(x0 - 5, Y(v)), (x0, Y(v))], fill="black")
-            d.line([(x0, Y(v)), (x1, Y(v))], fill=(235, 235, 235))
-            d.text((x0 - 8, Y(v)), f"{v:g}", fill="black", font=small, anchor="rm")
-        d.rectangle([x0, y0, x1, y1], outline="black")
-        d.text(((x0 + x1) // 2, y1 + 32), "turn (one frame each)", fill="black", font=small, anchor="mt")
-        d.text((x0, y0 - 10), label, fill="black", font=big, anchor="ls")
-        for v in variants:
-            pts = [(X(r["turn"]), Y(r[key] * scale)) for r in records if r["variant"] == v]
-            if len(pts) > 1:
-                d.line(pts, fill=COLORS.get(v, (0, 0, 0)), width=2)
-            elif pts:
-                d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=COLORS.get(v, (0, 0, 0)))
-        if p == 0:  # legend, top left of the first panel
-            for i, v in enumerate(variants):
-                ly = y0 + 14 + 20 * i
-                d.line([(x0 + 12, ly), (x0 + 40, ly)], fill=COLORS.get(v, (0, 0, 0)), width=3)
-                d.text((x0 + 46, ly), v, fill="black", font=small, anchor="lm")
-    img.save(path)
+# what the benchmark picture shows: KV bytes in use and time to first token against the turn (the
+# caches are reserved up front, so allocated memory is flat by design; the table has it)
+PANELS = (("kv_bytes", "KV cache in use (MiB)", 1 / MiB), ("ttft_ms", "time to first token (ms)", 1.0))
 
 
 # -----------------------------------------------------------------------------

@@ -19,11 +19,12 @@ import os
 import sys
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
 from data.loader import Dataset  # noqa: E402
+from experiments import plots  # noqa: E402
 from experiments.runs import ROOT, is_default, markdown_table, write_result  # noqa: E402
 
 MODELS = ["ca_tv", "insertion"]
@@ -43,28 +44,6 @@ def mass_on(model, data, n_samples):
         total = total + casa.attention_mass(model, idx, images) * len(group)
         count += len(group)
     return total / count
-
-
-def heat_panel(title, mass, cell=44):
-    """One panel: layers down, heads across, the share of attention on image keys in each cell."""
-    L, H = mass.shape
-    left, top = 64, 34
-    footer = "share of text attention on image keys (0 white, 1 orange)"
-    im = Image.new("RGB", (max(left + H * cell + 12, 12 + 6 * max(len(title), len(footer))), top + L * cell + 26), "white")
-    d = ImageDraw.Draw(im)
-    d.text((6, 6), title, fill="black")
-    for h in range(H):
-        d.text((left + h * cell + cell // 2 - 10, top - 14), f"head {h}", fill="black")
-    for layer in range(L):
-        d.text((6, top + layer * cell + cell // 2 - 6), f"layer {layer}", fill="black")
-        for h in range(H):
-            x = float(mass[layer, h])
-            color = tuple(round(255 + (c - 255) * x) for c in (236, 100, 20))  # white (0) -> orange (1)
-            x0, y0 = left + h * cell, top + layer * cell
-            d.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=color, outline=(200, 200, 200))
-            d.text((x0 + 8, y0 + cell // 2 - 6), f"{x:.2f}", fill="black" if x < 0.6 else "white")
-    d.text((6, top + L * cell + 6), footer, fill=(90, 90, 90))
-    return im
 
 
 def main():
@@ -91,8 +70,8 @@ def main():
         trained, untrained = torch.stack(trained), torch.stack(untrained)  # (seeds, L, H)
         data[name] = dict(trained=trained.tolist(), untrained=untrained.tolist())
         mean = trained.mean(0)
-        panels.append(heat_panel(f"{name}, trained on {args.task} (mean of {len(seeds)} seeds)", mean))
-        panels.append(heat_panel(f"{name}, untrained", untrained.mean(0)))
+        panels.append(plots.heat_panel(f"{name}, trained on {args.task} (mean of {len(seeds)} seeds)", mean))
+        panels.append(plots.heat_panel(f"{name}, untrained", untrained.mean(0)))
         per_layer = trained.mean(2)  # (seeds, L): head-averaged share per layer and seed
         for layer in range(per_layer.size(1)):
             xs = per_layer[:, layer]

@@ -13,13 +13,10 @@ import os
 import sys
 
 import torch
-from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
-
-TEXT, IMAGE, EMPTY, GRID = (66, 114, 196), (236, 132, 36), (246, 246, 246), (200, 200, 200)
-
+from experiments import plots  # noqa: E402
 
 def masks_for(variant, idx, n_images):
     """The masks one forward builds: a list of (title, mask (Tq, Tk) bool, key_is_image (Tk,),
@@ -54,24 +51,6 @@ def masks_for(variant, idx, n_images):
     return [sa, (title, ca_mask, key_is_image, text_labels, key_labels)]
 
 
-def draw_panel(title, mask, key_is_image, q_labels, k_labels, cell=14):
-    Tq, Tk = mask.shape
-    left, top = 28, 40
-    title_width = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title)) + 8
-    im = Image.new("RGB", (max(left + Tk * cell + 10, title_width), top + Tq * cell + 10), "white")
-    d = ImageDraw.Draw(im)
-    d.text((4, 4), title, fill="black")
-    for j, lab in enumerate(k_labels):
-        d.text((left + j * cell + 3, top - 14), lab, fill="black")
-    for i in range(Tq):
-        d.text((6, top + i * cell + 2), q_labels[i], fill="black")
-        for j in range(Tk):
-            x0, y0 = left + j * cell, top + i * cell
-            color = (IMAGE if key_is_image[j] else TEXT) if mask[i, j] else EMPTY
-            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color, outline=GRID)
-    return im
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/masks.png")
@@ -81,18 +60,10 @@ def main():
     idx = torch.tensor([ids])
     panels = []
     for variant in ["insertion", "ca", "ca_tv"]:
-        panels += [draw_panel(*p) for p in masks_for(variant, idx, n_images=2)]
+        panels += [plots.mask_panel(*p) for p in masks_for(variant, idx, n_images=2)]
     panels = [panels[0], panels[1], panels[2], panels[4]]  # SA panel once
-    width = sum(p.width for p in panels) + 10 * (len(panels) + 1)
-    height = max(p.height for p in panels) + 40
-    fig = Image.new("RGB", (width, height), "white")
-    x = 10
-    for p in panels:
-        fig.paste(p, (x, 10))
-        x += p.width + 10
-    d = ImageDraw.Draw(fig)
-    d.text((10, height - 24), "rows: queries; columns: keys; blue = text key, orange = image key "
-           "(y1, y2: first token of each image); I = <|image|> marker", fill="black")
+    fig = plots.row_of(panels, "rows: queries; columns: keys; blue = text key, orange = image key "
+                       "(y1, y2: first token of each image); I = <|image|> marker")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     fig.save(args.out)
     print(f"wrote {args.out}")

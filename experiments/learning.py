@@ -17,47 +17,15 @@ import json
 import os
 import sys
 
-from PIL import Image, ImageDraw
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import plots  # noqa: E402
 from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, run_all, write_result  # noqa: E402
-
-COLORS = {"ca": (31, 119, 180), "ca_tv": (44, 160, 44), "insertion": (214, 39, 40), "blind": (127, 127, 127)}
-
 
 def curve(out_dir):
     """[(step, training seconds, accuracy, shuffled accuracy, {kind: accuracy})] of a finished run."""
     with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
         return [(r["step"], r["train_s"], r["accuracy"], r["shuffled_accuracy"], r["accuracy_by_kind"])
                 for r in map(json.loads, f) if "accuracy" in r]
-
-
-def plot(curves, tasks, models, path):
-    """One panel per task: accuracy (y) against training seconds (x), one line per model."""
-    W, H, pad = 360, 240, 44
-    im = Image.new("RGB", (len(tasks) * (W + pad) + pad, H + 2 * pad + 20), "white")
-    d = ImageDraw.Draw(im)
-    for p, task in enumerate(tasks):
-        x0, y0 = pad + p * (W + pad), pad
-        t_max = max((c[-1][1] for (t, _), c in curves.items() if t == task), default=1) or 1
-        d.rectangle((x0, y0, x0 + W, y0 + H), outline=(0, 0, 0))
-        for a in (0.0, 0.25, 0.5, 0.75, 1.0):
-            y = y0 + H - a * H
-            d.line((x0, y, x0 + W, y), fill=(225, 225, 225))
-            d.text((x0 - 30, y - 5), f"{a:.2f}", fill=(0, 0, 0))
-        for s in range(0, int(t_max) + 1, max(30, int(t_max) // 4 // 30 * 30)):
-            x = x0 + s / t_max * W
-            d.text((x - 8, y0 + H + 4), f"{s}s", fill=(0, 0, 0))
-        d.text((x0, y0 - 16), f"{task}: accuracy vs training time (s)", fill=(0, 0, 0))
-        for model in models:
-            pts = [(x0 + t / t_max * W, y0 + H - a * H) for _, t, a, _, _ in curves.get((task, model), [])]
-            if len(pts) > 1:
-                d.line([(x0, y0 + H)] + pts, fill=COLORS.get(model, (0, 0, 0)), width=2)
-    for i, model in enumerate(models):  # legend
-        x = pad + i * 110
-        d.line((x, H + 2 * pad + 8, x + 20, H + 2 * pad + 8), fill=COLORS.get(model, (0, 0, 0)), width=3)
-        d.text((x + 24, H + 2 * pad + 2), model, fill=(0, 0, 0))
-    im.save(path)
 
 
 def main():
@@ -98,7 +66,7 @@ def main():
             + markdown_table(["task", "model", "step", "seconds", "accuracy", "shuffled", "by question"], rows))
     write_result("learning", text, {f"{t}/{m}": c for (t, m), c in curves.items()}, published=published)
     png = os.path.join(ROOT, "docs/learning.png" if published else "runs/learning.png")
-    plot(curves, tasks, models, png)
+    plots.accuracy_panels(curves, tasks, models, png)
     print(f"picture: {os.path.relpath(png, ROOT)}")
 
 

@@ -288,9 +288,12 @@ def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
     tiny_checkpoint(paths[1], variant="insertion", dataset_dir=str(data))
     fps = 40.0
     results = stream.main(["--compare", f"{paths[0]},{paths[1]}", "--clip", "0-1", "--fps", str(fps),
-                           "--max_new_tokens", "4", "--device", "cpu", "--compare_json", str(tmp_path / "c.json")])
+                           "--max_new_tokens", "4", "--device", "cpu", "--compare_json", str(tmp_path / "c.json"),
+                           "--compare_png", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
     assert "exactly right 0/5" in out and len(json.loads((tmp_path / "c.json").read_text())["results"]) == 2
+    with Image.open(tmp_path / "c.png") as img:  # the strip: the first clip's 3 frames
+        assert img.size[0] > 3 * 96
     tok = casa.get_tokenizer()
     stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
     for path in paths:
