@@ -211,7 +211,7 @@ def caption_strip(frames, names, results, refs, fps, path, cell=96):
     line_h, wrap = 15, cell // 6
     blocks = [[(textwrap.wrap(r[i]["text"], wrap) or [""])[:3] for r in results] for i in range(len(frames))]
     rows_h = [line_h * (1 + max(len(b[m]) for b in blocks)) + 6 for m in range(len(names))]
-    label_w = 120
+    label_w = 12 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=big)) for n in names)
     width = label_w + len(frames) * (cell + 6) + 10
     height = 30 + cell + 24 + sum(rows_h) + 22
     im = Image.new("RGB", (width, height), "white")
