@@ -266,6 +266,11 @@ class Config:
     ca_all_images = property(lambda self: VARIANTS[self.variant]["ca_all_images"])
 
     @property
+    def keeps_every_frame(self):
+        """Whether the cache keeps every image's tokens (insertion; ca_all, D5): it grows by kN."""
+        return self.insert_images or self.ca_all_images
+
+    @property
     def n_image_tokens(self):
         return (self.image_size // self.patch_size) ** 2
 
@@ -421,7 +426,7 @@ class Cache:
         bounded this way without dropping frames."""
 
     def __init__(self, config, batch_size, device, capacity=None, sink_tokens=0, recent_tokens=None):
-        if recent_tokens is not None and (config.insert_images or config.ca_all_images):
+        if recent_tokens is not None and config.keeps_every_frame:
             raise ValueError(f"variant {config.variant!r} keeps every frame's image tokens in its cache; "
                              "recent_tokens bounds only the text, so it needs a variant with one image in its "
                              "CA layers (ca, ca_shared, ca_tv, ca_replace, ca_ffn)")
@@ -950,7 +955,7 @@ def load_checkpoint(path, device="cpu"):
 
 def kv_formula(config):
     """The paper's #KV column for this variant (k turns, T text tokens and one N-token image each)."""
-    if config.insert_images or config.ca_all_images:
+    if config.keeps_every_frame:
         return "kT + kN"
     if config.ca_replaces_sa:
         return "kT (SA layers) or N (CA layers)"

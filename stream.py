@@ -296,7 +296,7 @@ def compare(args):
             first_clip = first_clip if first_clip is not None else frames
             refs += r if r is not None else [None] * len(frames)
         bound = {}
-        if args.recent_tokens and not (model.config.insert_images or model.config.ca_all_images):
+        if args.recent_tokens and not model.config.keeps_every_frame:
             bound = dict(sink_tokens=args.sink_tokens, recent_tokens=args.recent_tokens)
         caption_stream(model, tok, stream_clips[:1], fps, args.max_new_tokens, stop, bound)  # warm-up, untimed
         results[path] = caption_stream(model, tok, stream_clips, fps, args.max_new_tokens, stop, bound)
@@ -460,7 +460,7 @@ def run_bench(args, log=print):
         if v not in casa.VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {', '.join(casa.VARIANTS)}")
     if args.recent_tokens:  # a bounded cache needs one image in the CA layers: the others are shown by formula
-        keeps_frames = [v for v in variants if casa.Config(variant=v).insert_images or casa.Config(variant=v).ca_all_images]
+        keeps_frames = [v for v in variants if casa.Config(variant=v).keeps_every_frame]
         variants = [v for v in variants if v not in keeps_frames]
         if not variants:
             raise ValueError("--recent_tokens bounds the text cache of variants with one image in their CA layers; "
