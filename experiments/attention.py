@@ -19,7 +19,6 @@ import os
 import sys
 
 import torch
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
@@ -78,12 +77,7 @@ def main():
             rows.append([name, layer, f"{untrained.mean(2)[:, layer].mean():.2f}", f"{xs.mean():.2f} ± {xs.std():.2f}",
                          f"{mean[layer].min():.2f} - {mean[layer].max():.2f}"])
 
-    # two columns (trained | untrained), one row per model
-    w = max(p.width for p in panels)
-    h = max(p.height for p in panels)
-    sheet = Image.new("RGB", (2 * w, h * len(MODELS)), "white")
-    for i, p in enumerate(panels):
-        sheet.paste(p, ((i % 2) * w, (i // 2) * h))
+    sheet = plots.grid_of(panels, cols=2)  # two columns (trained | untrained), one row per model
     published = is_default(parser, args)
     out = args.out if published or args.out != parser.get_default("out") else "runs/results/attention.png"
     os.makedirs(os.path.dirname(os.path.join(ROOT, out)), exist_ok=True)

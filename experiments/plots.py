@@ -35,16 +35,26 @@ def nice_ticks(lo, hi, n=5):
 
 
 def row_of(panels, footer="", gap=10):
-    """Panels (PIL images) side by side on one sheet, an optional line of text below."""
+    """Panels (PIL images) side by side on one sheet, an optional line of text below (in Pillow's
+    default font, as the panels' own labels)."""
     width = sum(p.width for p in panels) + gap * (len(panels) + 1)
-    height = max(p.height for p in panels) + 2 * gap + (30 if footer else 0)
+    height = max(p.height for p in panels) + 2 * gap + (20 if footer else 0)
     sheet = Image.new("RGB", (width, height), "white")
     x = gap
     for p in panels:
         sheet.paste(p, (x, gap))
         x += p.width + gap
     if footer:
-        ImageDraw.Draw(sheet).text((gap, height - 24), footer, fill="black", font=font(13))
+        ImageDraw.Draw(sheet).text((gap, height - 24), footer, fill="black")
+    return sheet
+
+
+def grid_of(panels, cols):
+    """Panels in rows of `cols`, each in a cell the size of the largest panel, no gaps."""
+    w, h = max(p.width for p in panels), max(p.height for p in panels)
+    sheet = Image.new("RGB", (cols * w, -(-len(panels) // cols) * h), "white")
+    for i, p in enumerate(panels):
+        sheet.paste(p, ((i % cols) * w, (i // cols) * h))
     return sheet
 
 
