@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
 from experiments import plots  # noqa: E402
 
+
 def masks_for(variant, idx, n_images):
     """The masks one forward builds: a list of (title, mask (Tq, Tk) bool, key_is_image (Tk,),
     query labels, key labels)."""

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import plots  # noqa: E402
 from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, run_all, write_result  # noqa: E402
 
+
 def curve(out_dir):
     """[(step, training seconds, accuracy, shuffled accuracy, {kind: accuracy})] of a finished run."""
     with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
