@@ -18,5 +18,5 @@ step python experiments/learning.py
 step python experiments/accuracy.py --tasks=shapes
 step python experiments/adaptation.py
 step python experiments/attention.py
-step python stream.py --bench --threads 1 --json runs/stream.json --png docs/stream.png
+step python stream.py --bench --json runs/stream.json --png docs/stream.png
 echo "=== all done in $(( SECONDS / 60 )) min"
