@@ -278,6 +278,9 @@ def compare(args):
     """Live captioning by several checkpoints side by side (--compare a.pt,b.pt): the chosen clips
     (--clip 0-9) played back to back as one stream at --fps, greedy. Prints each frame's delay and
     caption per model, and a summary. Returns {checkpoint: [one dict per frame]}."""
+    if args.frames:
+        raise ValueError("--compare plays the dataset's validation clips (--clip 0-9); --frames is for one "
+                         "model's live captioning (--ckpt)")
     device = casa.pick_device(args.device)
     paths = [p for p in args.compare.split(",") if p]
     models = [casa.load_checkpoint(p, device=device) for p in paths]

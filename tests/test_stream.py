@@ -314,3 +314,10 @@ def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
                 gen = model.generate(ids, img, max_new_tokens=4, temperature=0, stop_token=stop, cache=cache)
                 want.append(tok.decode([t for t in gen[0, ids.size(1):].tolist() if t != stop]).replace("\n", " "))
         assert [f["text"] for f in frames] == want
+
+
+def test_compare_refuses_frames_and_missing_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="--compare plays the dataset's validation clips"):
+        stream.main(["--compare", "a.pt,b.pt", "--frames", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        stream.main(["--compare", str(tmp_path / "missing.pt"), "--device", "cpu"])
