@@ -16,14 +16,24 @@ several seeds; reported: accuracy over every turn, and the last-turn accuracy of
     python experiments/video.py --seeds=1 --max_iters=2000   # a longer budget (~27 min)
 
 Runs go to runs/video/<variant>-s<seed>/; the table to docs/results/video.md.
+
+The price of a bounded cache (stream.py's --sink_tokens/--recent_tokens, StreamingLLM) on a trained
+one-frame model: every validation clip streamed turn by turn through one cache that keeps only the
+first S and the last W text tokens, each turn fed with its true answer; exact match per turn as
+train.py's evaluation counts it (W = 0: unbounded, equal to train.py's numbers):
+
+    python experiments/video.py --bounded=runs/video/ca-s1/ckpt.pt --sink_tokens=4 --recent_tokens=8,16,32,64,0
 """
 
 import argparse
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
+from data.loader import Dataset  # noqa: E402
 from experiments.runs import ROOT, is_default, markdown_table, mean_spread, predictions, run_all, write_result  # noqa: E402
 
 BUDGET = dict(dataset="video", max_iters=1000, batch_size=8, eval_interval=1000, num_show=0)
@@ -45,6 +55,62 @@ def memory_accuracy(ckpt_path):
             **{k: sum(v) / max(1, len(v)) for k, v in right.items()}}
 
 
+@torch.no_grad()
+def streamed_answers(model, data, sink_tokens=0, recent_tokens=None):
+    """Every sample of `data` streamed turn by turn through one cache of its own (bounded to the
+    first sink_tokens and the last recent_tokens text tokens when recent_tokens is given), each turn
+    fed with its prompt, its frame(s) and its true answer, as train.py's evaluation does in one full
+    forward. Returns ({(sample, turn): (the model's top choice at each answer token, the truth)},
+    the most self-attention entries the cache held after a turn). An answer is right when the two
+    are equal (data.loader.score's exact match)."""
+    device = model.lm_head.weight.device
+    out, most = {}, 0
+    for i, s in enumerate(data.samples):
+        cache = model.new_cache(1, sink_tokens=sink_tokens, recent_tokens=recent_tokens)
+        images, used = data.sample_images(s), 0
+        for t, (start, answer_start, end) in enumerate(s.turns_at):
+            ids = s.ids[start:end]
+            k = ids.count(data.image_id)
+            logits, _ = model(torch.tensor([ids], device=device), images[used : used + k].to(device) if k else None,
+                              cache=cache)
+            used += k
+            p = answer_start - start  # the answer's first token is predicted at index p - 1
+            out[i, t] = (logits[0, p - 1 : -1].argmax(-1).tolist(), ids[p:])
+            most = max(most, cache.entries()["self_attn"])
+    return out, most
+
+
+def turn_kind(sample, t):
+    """'comment', 'memory: color' or 'memory: shape' for turn t of a video sample."""
+    if sample.task == "video_memory" and t == len(sample.turns) - 1:
+        return "memory: color" if "color" in sample.turns[t][0] else "memory: shape"
+    return "comment"
+
+
+def bounded(args):
+    """--bounded: the accuracy cost of a bounded cache, per W, on the checkpoint's validation clips."""
+    model, ckpt = casa.load_checkpoint(args.bounded)
+    model.eval()
+    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
+    rows, out = [], {}
+    for w in [int(w) for w in str(args.recent_tokens).split(",")]:
+        answers, most = streamed_answers(model, data, args.sink_tokens, w or None)
+        acc = {}
+        for (i, t), (pred, truth) in answers.items():
+            acc.setdefault(turn_kind(data.samples[i], t), []).append(pred == truth)
+        acc = {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+        out[w] = dict(max_entries=most, **acc)
+        label = f"{args.sink_tokens} + {w}" if w else "unbounded"
+        rows.append([label, most] + [f"{acc[k]:.3f}" for k in ("comment", "memory: color", "memory: shape")])
+        print(f"W={w}: {rows[-1]}", flush=True)
+    header = ["cache: sinks + recent text tokens", "most entries per layer", "comment turns", "memory: colour",
+              "memory: shape"]
+    text = (f"Bounded cache (StreamingLLM) on {args.bounded} ({model.config.variant}): the validation clips of "
+            f"{ckpt['dataset_dir']} streamed turn by turn, true answers fed back, exact match per turn.\n\n"
+            + markdown_table(header, rows))
+    write_result("video_bounded", text, out, published=False)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -52,7 +118,12 @@ def main():
     parser.add_argument("--max_iters", type=int, default=BUDGET["max_iters"], help="another budget: runs go to runs/video-N")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--bounded", default="", help="a checkpoint: measure the bounded cache's cost instead")
+    parser.add_argument("--sink_tokens", type=int, default=4, help="with --bounded: S")
+    parser.add_argument("--recent_tokens", default="8,16,32,64,0", help="with --bounded: the W to try (0: unbounded)")
     args = parser.parse_args()
+    if args.bounded:
+        return bounded(args)
     variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
     budget, root, name = BUDGET, "runs/video", "video"
     if args.max_iters != BUDGET["max_iters"]:

@@ -113,3 +113,32 @@ def test_only_a_default_run_counts_as_published():
     assert runs.is_default(parser, parser.parse_args([]))
     assert runs.is_default(parser, parser.parse_args(["--seeds=1,2,3"]))  # spelled out, still the default
     assert not runs.is_default(parser, parser.parse_args(["--tasks=shapes"]))
+
+
+def test_streamed_answers_equal_one_full_forward_unless_the_cache_is_bounded(tmp_path):
+    """Turn by turn through a cache (unbounded, or bounded above the longest clip) the model predicts
+    exactly what one full forward of the whole clip predicts; a small bound changes predictions."""
+    from data.loader import Dataset
+
+    run("data/video/prepare.py", "--out", tmp_path / "video", "--n_train", 2, "--n_val", 6)
+    torch.manual_seed(0)
+    config = casa.Config(variant="ca", n_layer=2, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
+                         image_size=16, patch_size=8, block_size=512)
+    model = casa.VLM(config).eval()
+    with torch.no_grad():  # at init a tied head predicts the current token; louder layers make context count
+        for name, w in model.named_parameters():
+            if name.startswith("blocks.") and w.dim() == 2:
+                w.mul_(8)
+    data = Dataset(str(tmp_path / "video"), "val", config.image_size)
+    want = {}
+    for i, s in enumerate(data.samples):
+        logits, _ = model(torch.tensor([s.ids]), data.sample_images(s))
+        for t, (_, p, end) in enumerate(s.turns_at):
+            want[i, t] = (logits[0, p - 1 : end - 1].argmax(-1).tolist(), s.ids[p:end])
+    longest = max(len(s.ids) for s in data.samples)
+    assert video.streamed_answers(model, data)[0] == want
+    got, most = video.streamed_answers(model, data, sink_tokens=2, recent_tokens=longest)
+    assert got == want and most == longest
+    got, most = video.streamed_answers(model, data, sink_tokens=2, recent_tokens=4)
+    assert most <= 2 + 4 + max(end - start for s in data.samples for start, _, end in s.turns_at)
+    assert got != want

@@ -164,8 +164,11 @@ def test_video_answers_match_frames(generated):
         frames = [(d["a"] / p).read_bytes() for p in rec["images"]]
         answers = [t["answer"] for t in rec["turns"]]
         assert all(t["prompt"].startswith(MARKER) for t in rec["turns"])  # one frame per turn
+        # the first prompt names the kind of clip (its first frame alone cannot), and only the first
+        prompts = [t["prompt"] for t in rec["turns"]]
+        assert prompts[0] == f"{MARKER} {mod.FIRST_PROMPTS[rec['task']]}", rec
         if rec["task"] == "video_caption":
-            assert all(t["prompt"] == MARKER for t in rec["turns"])
+            assert all(p == MARKER for p in prompts[1:])
             for j in range(1, len(frames)):  # commentary says "nothing" exactly when nothing changed
                 assert (frames[j] == frames[j - 1]) == (answers[j] == "nothing changes"), (rec, j)
         else:
@@ -175,5 +178,6 @@ def test_video_answers_match_frames(generated):
             last = describe_object(d["a"] / rec["images"][-1], templates)
             assert answers[-1] == first[key] != last[key], rec
             # the earlier commentary never names a colour or shape
+            assert all(p == MARKER for p in prompts[1:-1])
             words = set(" ".join(answers[:-1]).split())
             assert not words & (set(COLORS) | set(SHAPES)), rec

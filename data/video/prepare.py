@@ -2,16 +2,19 @@
 video: short clips (6-10 frames at 2 fps) of shapes moving on a white canvas,
 one frame per turn. Two kinds of clip, about half each, in the same files:
 
-video_caption: every turn's prompt is just the frame's marker and the answer
-is a live commentary line about what changed since the previous frame:
+video_caption: the first turn's prompt asks for commentary ("<|image|> say what
+changes"), every later prompt is just the frame's marker, and each answer is a
+live commentary line about what changed since the previous frame:
     "a red circle and a blue square appear", "the red circle moves right",
     "the blue square turns green", "a yellow cross appears",
     "the red circle disappears", "nothing changes"
-video_memory: one shape; the commentary never names its colour or shape
-("a shape appears", "it moves up", "it changes color", ...), and the LAST turn
-asks about the FIRST frame, e.g. "<|image|> what color was the shape in the
-first frame?" -> "red", where the last frame always shows a different colour
-(or shape). A model that only sees the latest frame cannot answer it.
+video_memory: one shape; the first prompt asks for commentary without names
+("<|image|> say what changes, without names"), so the commentary never names its
+colour or shape ("a shape appears", "it moves up", "it changes color", ...); the
+first prompts tell the two kinds apart, as a one-shape first frame alone cannot.
+The LAST turn asks about the FIRST frame, e.g. "<|image|> what color was the
+shape in the first frame?" -> "red", where the last frame always shows a
+different colour (or shape). A model that only sees the latest frame cannot answer it.
 
 python data/video/prepare.py [--out DIR] [--n_train N] [--n_val N] [--seed S]
 (N counts clips, not frames.)
@@ -30,6 +33,9 @@ R, STEP = 8, 8                 # shape radius and how far one move goes (one rad
 LO, HI = R + 1, SIZE - 2 - R   # allowed centres, so shapes never touch the border
 BACKGROUND = (255, 255, 255)   # fixed, so "appears" / "disappears" are unambiguous
 DIRECTIONS = {"left": (-STEP, 0), "right": (STEP, 0), "up": (0, -STEP), "down": (0, STEP)}
+# the first prompt of each kind of clip: without it, a first frame with one shape could start either
+# kind, and its first comment ("a red circle appears" or "a shape appears") would be a coin toss
+FIRST_PROMPTS = {"video_caption": "say what changes", "video_memory": "say what changes, without names"}
 MEMORY_QUESTIONS = {
     "color": "what color was the shape in the first frame?",
     "shape": "what shape was in the first frame?",
@@ -125,7 +131,8 @@ def caption_clip(rng, n_frames):
     for _ in range(n_frames - 1):
         answers.append(caption_step(rng, objs))
         frames.append(render(objs))
-    return frames, [MARKER] * n_frames, answers
+    prompts = [f"{MARKER} {FIRST_PROMPTS['video_caption']}"] + [MARKER] * (n_frames - 1)
+    return frames, prompts, answers
 
 
 def change(rng, obj, key, avoid):
@@ -157,7 +164,8 @@ def memory_clip(rng, n_frames):
         change(rng, obj, ask, avoid=first[ask])
     frames.append(render([obj]))
     answers.append(first[ask])
-    prompts = [MARKER] * (n_frames - 1) + [f"{MARKER} {MEMORY_QUESTIONS[ask]}"]
+    prompts = ([f"{MARKER} {FIRST_PROMPTS['video_memory']}"] + [MARKER] * (n_frames - 2)
+               + [f"{MARKER} {MEMORY_QUESTIONS[ask]}"])
     return frames, prompts, answers
 
 
