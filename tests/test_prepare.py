@@ -169,6 +169,20 @@ def test_video_answers_match_frames(generated):
         assert prompts[0] == f"{MARKER} {mod.FIRST_PROMPTS[rec['task']]}", rec
         if rec["task"] == "video_caption":
             assert all(p == MARKER for p in prompts[1:])
+            # the first comment names the objects in the order they are seen (left to right, or top
+            # to bottom when one is above the other), read back from the first frame's pixels
+            a = np.array(Image.open(d["a"] / rec["images"][0]))
+            centres = []
+            for n, rgb in COLORS.items():
+                ys, xs = np.nonzero((a == rgb).all(-1))
+                if len(xs):
+                    centres.append(((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, n))
+            if len(centres) == 2 and abs(centres[0][0] - centres[1][0]) <= mod.R:
+                centres.sort(key=lambda c: c[1])
+            else:
+                centres.sort()
+            named = [w for w in answers[0].split() if w in COLORS]
+            assert named == [n for _, _, n in centres], rec
             for j in range(1, len(frames)):  # commentary says "nothing" exactly when nothing changed
                 assert (frames[j] == frames[j - 1]) == (answers[j] == "nothing changes"), (rec, j)
         else:

@@ -4,7 +4,8 @@ one frame per turn. Two kinds of clip, about half each, in the same files:
 
 video_caption: the first turn's prompt asks for commentary ("<|image|> say what
 changes"), every later prompt is just the frame's marker, and each answer is a
-live commentary line about what changed since the previous frame:
+live commentary line about what changed since the previous frame (the first
+names what it sees left to right, or top to bottom when one is above the other):
     "a red circle and a blue square appear", "the red circle moves right",
     "the blue square turns green", "a yellow cross appears",
     "the red circle disappears", "nothing changes"
@@ -122,11 +123,20 @@ def caption_step(rng, objs):
     return "nothing changes"
 
 
+def reading_order(objs):
+    """The objects as the first comment names them: left to right, or top to bottom when one is
+    above the other (their x closer than R): the order is then always visible in the frame."""
+    if len(objs) == 2 and abs(objs[0]["x"] - objs[1]["x"]) <= R:
+        return sorted(objs, key=lambda o: o["y"])
+    return sorted(objs, key=lambda o: o["x"])
+
+
 def caption_clip(rng, n_frames):
     objs = []
     for _ in range(rng.choice((1, 2))):
         objs.append(spawn(rng, objs))
-    first = " and ".join(a_an(name(o)) for o in objs) + (" appears" if len(objs) == 1 else " appear")
+    # in the order they are seen (the order they were made in is not in the picture)
+    first = " and ".join(a_an(name(o)) for o in reading_order(objs)) + (" appears" if len(objs) == 1 else " appear")
     frames, answers = [render(objs)], [first]
     for _ in range(n_frames - 1):
         answers.append(caption_step(rng, objs))
