@@ -67,6 +67,8 @@ SETTINGS = dict(
     compare="",  # several checkpoints (a.pt,b.pt): the clips played back to back, captioned side by side
     compare_json="",  # with compare: write every frame's times and captions here
     compare_png="",  # with compare: draw the first clip's frames with each model's captions and delays here
+    one_stream=False,  # with compare: the clips go through ONE cache, one long conversation (each model's cache
+    # reserved for the whole stream), instead of a fresh cache per clip; add --recent_tokens to bound CA's
     # benchmark
     bench=False,  # run the streaming benchmark
     turns=300,
@@ -245,19 +247,28 @@ def live_stream(args, model, tok, device, frames, prompts, refs, fps, desc):
     return delays, right
 
 
-def caption_stream(model, tok, clips, fps, max_new_tokens, stop, bound):
+def caption_stream(model, tok, clips, fps, max_new_tokens, stop, bound, one_stream=False):
     """One model captions clips played back to back as one stream, on a simulated real-time clock:
     frame i of the stream arrives at i/fps, its turn starts when it has arrived and the model is
     free, and ends after the measured compute time. A model slower than the frame interval falls
     behind and its delay keeps growing, exactly as it would live; models run one after another, so
-    they do not disturb each other's timings. Each clip starts a fresh cache: a new clip is a new
-    conversation, as in training (a cache carried across clips takes the toy models far past the
-    contexts they were trained on). clips: [(frames (K, 3, S, S), prompts [K])].
-    Returns a list of dicts (arrival, done, compute, delay, text), one per frame."""
+    they do not disturb each other's timings. By default each clip starts a fresh cache: a new clip
+    is a new conversation, as in training. one_stream: one cache for the whole stream, as a live
+    captioner that never restarts holds it; it is reserved up front for every frame's prompt and
+    max_new_tokens (no turn stalls on a copy), and `bound` (sink_tokens, recent_tokens) keeps a CA
+    model's cache constant. clips: [(frames (K, 3, S, S), prompts [K])].
+    Returns a list of dicts (arrival, done, compute, delay, text, kv_bytes: the cache after the turn),
+    one per frame."""
     device = model.lm_head.weight.device
     clock, out = 0.0, []
+    if one_stream:
+        frames = sum(len(f) for f, _ in clips)
+        longest = max(len(casa.encode_turn(tok, p)[0]) for _, prompts in clips for p in prompts)
+        cache = model.new_cache(1, capacity=casa.kv_cache_entries(model.config, frames, longest + max_new_tokens,
+                                                                   **bound), **bound)
     for frames, prompts in clips:
-        cache = model.new_cache(1, **bound)
+        if not one_stream:
+            cache = model.new_cache(1, **bound)
         for frame, prompt in zip(frames, prompts):
             arrival = len(out) / fps
             ids, _ = casa.encode_turn(tok, prompt)
@@ -269,7 +280,8 @@ def caption_stream(model, tok, clips, fps, max_new_tokens, stop, bound):
             compute = time.perf_counter() - t0
             clock = max(arrival, clock) + compute
             text = tok.decode([t for t in gen[0, len(ids):].tolist() if t != stop]).replace("\n", " ")
-            out.append(dict(arrival=arrival, done=clock, compute=compute, delay=clock - arrival, text=text))
+            out.append(dict(arrival=arrival, done=clock, compute=compute, delay=clock - arrival, text=text,
+                            kv_bytes=cache.nbytes()))
     return out
 
 
@@ -302,9 +314,11 @@ def compare(args):
         if args.recent_tokens and not model.config.keeps_every_frame:
             bound = dict(sink_tokens=args.sink_tokens, recent_tokens=args.recent_tokens)
         caption_stream(model, tok, stream_clips[:1], fps, args.max_new_tokens, stop, bound)  # warm-up, untimed
-        results[path] = caption_stream(model, tok, stream_clips, fps, args.max_new_tokens, stop, bound)
+        results[path] = caption_stream(model, tok, stream_clips, fps, args.max_new_tokens, stop, bound,
+                                       args.one_stream)
     names = [f"{m.config.variant} ({os.path.basename(os.path.dirname(p)) or p})" for p, (m, _) in zip(paths, models)]
-    print(f"live captioning, side by side: clips {args.clip} of {folder}/val.jsonl played back to back, "
+    print(f"live captioning, side by side: clips {args.clip} of {folder}/val.jsonl played back to back "
+          f"{'through one cache' if args.one_stream else 'with a fresh cache per clip'}, "
           f"{len(refs)} frames at {fps:g} fps (a frame every {1000 / fps:.0f} ms), {device}, "
           f"{torch.get_num_threads()} thread(s); simulated real time: a turn starts when its frame has arrived and "
           "the model is free, and takes its measured compute time; delay = when its caption is ready - the frame's time")

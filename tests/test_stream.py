@@ -316,6 +316,39 @@ def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
         assert [f["text"] for f in frames] == want
 
 
+@pytest.mark.parametrize("bound", [[], ["--sink_tokens", "2", "--recent_tokens", "6"]])
+def test_compare_one_stream_carries_the_cache_across_clips(tmp_path, bound):
+    """--one_stream: the clips are one conversation. Each model's captions are what generate gives
+    with ONE cache for the whole stream (for CA with --recent_tokens, one bounded cache: the first 2
+    and the last 6 text tokens; insertion keeps every frame, so it stays unbounded)."""
+    data = tmp_path / "video"
+    names = write_frames(data / "images", 5)
+    clips = [{"images": [f"images/{n}" for n in names[a:b]], "task": "video_caption", "fps": 2,
+              "turns": [{"prompt": casa.IMAGE, "answer": f"line {i}"} for i in range(a, b)]} for a, b in ((0, 3), (3, 5))]
+    (data / "val.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clips))
+    paths = [tmp_path / "ca.pt", tmp_path / "ins.pt"]
+    tiny_checkpoint(paths[0], dataset_dir=str(data))
+    tiny_checkpoint(paths[1], variant="insertion", dataset_dir=str(data))
+    results = stream.main(["--compare", f"{paths[0]},{paths[1]}", "--clip", "0-1", "--fps", "40", "--one_stream",
+                           "--max_new_tokens", "4", "--device", "cpu", *bound])
+    tok = casa.get_tokenizer()
+    stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
+    for path in paths:
+        model, _ = casa.load_checkpoint(str(path))
+        kept = dict(sink_tokens=2, recent_tokens=6) if bound and not model.config.keeps_every_frame else {}
+        cache, want, held = model.new_cache(1, **kept), [], []
+        for name in names:
+            img = casa.load_image(data / "images" / name, model.config.image_size)[None]
+            ids = torch.tensor([casa.encode_turn(tok, casa.IMAGE)[0]])
+            gen = model.generate(ids, img, max_new_tokens=4, temperature=0, stop_token=stop, cache=cache)
+            want.append(tok.decode([t for t in gen[0, ids.size(1):].tolist() if t != stop]).replace("\n", " "))
+            held.append(cache.nbytes())
+        assert [f["text"] for f in results[str(path)]] == want
+        assert [f["kv_bytes"] for f in results[str(path)]] == held  # the same cache, frame after frame
+        if kept:  # the bound held: sinks + recent text tokens in every self-attention layer
+            assert cache.entries()["self_attn"] == 8
+
+
 def test_compare_refuses_frames_and_missing_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="--compare plays the dataset's validation clips"):
         stream.main(["--compare", "a.pt,b.pt", "--frames", str(tmp_path)])
