@@ -207,6 +207,25 @@ class VisionEncoder(nn.Module):
         return self.ln_out(self.proj(self.ln_f(x)))  # (M, N, n_embd)
 
 
+class ImageDecoder(nn.Module):
+    """Redraws images from the encoder's tokens: one bidirectional block over the tokens, then an MLP
+    that turns each token into the pixels of its patch. Not part of the VLM: train.py's stage 1
+    (vision_pretrain_iters) trains the encoder through it, label-free, as a stand-in for the
+    pretrained encoder the paper starts from."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.grid, self.patch = config.image_size // config.patch_size, config.patch_size
+        C = config.n_embd
+        self.block = VisionBlock(C, config.n_head)
+        self.to_pixels = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, 3 * config.patch_size**2))
+
+    def forward(self, tokens):  # (M, N, n_embd) -> (M, 3, S, S), on the encoder's input scale [-1, 1]
+        M, g, p = tokens.size(0), self.grid, self.patch
+        x = self.to_pixels(self.block(tokens))  # (M, N, p*p*3): token r*g + c is patch (r, c)
+        return x.view(M, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(M, 3, g * p, g * p)
+
+
 # -----------------------------------------------------------------------------
 # Config: the fusion variants, each a set of switches. Reading a row left to right moves CA toward
 # insertion; turning every switch on (and seeing all past images, D5) is insertion.

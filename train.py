@@ -27,6 +27,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -61,6 +62,9 @@ batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
 max_iters = 1000
 learning_rate = 3e-4  # training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
+vision_pretrain_iters = 0  # stage 1: steps of label-free pretraining of the vision encoder before the VLM (0: off)
+vision_pretrain_lr = 1e-3
+vision_pretrain_batch = 32  # images per stage-1 step
 lr_new = 1e-3  # adaptation (init_from): parameters that are new (CA layers)...
 lr_pretrained = 1e-4  # ...and those copied from the checkpoint (the paper: 1e-4 and 1e-5 at 2-3B scale)
 warmup_iters = 100
@@ -434,12 +438,49 @@ def format_metrics(m):
     return s
 
 
+def pretrain_vision(iters):
+    """Stage 1: label-free pretraining of the vision encoder on this dataset's training images. The
+    paper's models start from a pretrained encoder; here the encoder learns, for `iters` steps, to
+    let a small decoder (casa.ImageDecoder) redraw each image from its tokens, so its tokens hold
+    where each thing is, its colour and outline before the language model asks about them. The
+    decoder is thrown away afterwards; stage 2 (the VLM) starts from the encoder as it is."""
+    decoder = casa.ImageDecoder(config).to(device)
+    images = train_data.all_images()  # (K, 3, S, S) uint8, each training image once
+    if not len(images):
+        log("vision pretraining skipped: the training split has no images")
+        return
+    params = [p for p in raw_model.vision.parameters() if p.requires_grad] + list(decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=vision_pretrain_lr, betas=(beta1, beta2), weight_decay=0.0)
+    t0 = time.time()
+    for it in range(iters):
+        for g in opt.param_groups:  # linear warm-up, then constant
+            g["lr"] = vision_pretrain_lr * min(1.0, (it + 1) / min(50, iters))
+        pick = torch.randint(len(images), (vision_pretrain_batch,), generator=data_rng)
+        x = images[pick].to(device).float() / 255
+        with autocast:
+            redrawn = decoder(raw_model.vision(x))  # (M, 3, S, S) in the encoder's input scale, [-1, 1]
+        loss = F.mse_loss(redrawn.float(), x * 2 - 1)
+        loss.backward()
+        if ddp:  # every process pretrains the same encoder: average the gradients by hand
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= world_size
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (it + 1) % (10 * log_interval) == 0 or it + 1 == iters:
+            log(f"vision pretraining {it + 1}/{iters}: reconstruction mse {loss.item():.4f} ({time.time() - t0:.0f} s)")
+            write_log({"stage": "vision", "step": it + 1, "mse": loss.item(), "train_s": round(time.time() - t0, 2)})
+
+
 # -----------------------------------------------------------------------------
 # training loop
 if master:
     os.makedirs(out_dir, exist_ok=True)
     if step == 0:  # a fresh run starts a fresh log
         open(os.path.join(out_dir, "log.jsonl"), "w").close()
+t_loop, eval_s = time.time(), 0.0  # train_s in the log: seconds of training so far (stage 1 included), evaluations left out
+if vision_pretrain_iters and step == 0 and not init_from and not blind:  # a fresh run (a blind one has no images)
+    pretrain_vision(vision_pretrain_iters)
 peak = measure_peak_flops() if master else 0.0
 # FLOPs per text token (forward, from casa; x3 for forward + backward), at this dataset's mean text
 # tokens per image
@@ -459,7 +500,6 @@ if not ddp:  # Ctrl-C: finish the current step, write a checkpoint, stop (a seco
 model.train()
 bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
 t_last, tokens_since = time.time(), 0
-t_loop, eval_s = time.time(), 0.0  # train_s in the log: seconds of training so far, evaluations left out
 while step < max_iters:
     frac = get_lr(step)
     for g in optimizer.param_groups:

@@ -236,6 +236,13 @@ class Dataset:
             out.append(self._images[path])
         return torch.stack(out).float() / 255 if out else torch.zeros(0, 3, S, S)
 
+    def all_images(self):
+        """Every image of the split once, (K, 3, S, S) uint8 (what vision pretraining draws from)."""
+        S = self.image_size
+        if not self._images:
+            return torch.zeros(0, 3, S, S, dtype=torch.uint8)
+        return torch.stack(list(self._images.values()))
+
     # --- training ---
 
     def batch(self, indices):

@@ -1055,3 +1055,19 @@ def test_tokenizer_bytes_round_trip_and_specials(monkeypatch):
     ids, n_prompt = casa.encode_turn(tok, "<|image|>hi", "yo")
     assert ids == [257, 104, 105, 258, 121, 111, 256] and n_prompt == 4
 
+
+
+def test_image_decoder_puts_each_token_in_its_patch():
+    """ImageDecoder: token r*g + c becomes the pixels of patch (r, c), channel first. Reference: the
+    decoder's own per-token output, placed patch by patch in a loop."""
+    torch.manual_seed(0)
+    config = casa.Config(n_embd=32, n_head=2, image_size=16, patch_size=4)
+    dec = casa.ImageDecoder(config)
+    tokens = torch.randn(2, 16, 32)
+    out = dec(tokens)
+    per_token = dec.to_pixels(dec.block(tokens))  # (2, 16, 4*4*3)
+    want = torch.zeros(2, 3, 16, 16)
+    for r in range(4):
+        for c in range(4):
+            want[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = per_token[:, 4 * r + c].view(2, 4, 4, 3).permute(0, 3, 1, 2)
+    assert out.shape == (2, 3, 16, 16) and torch.equal(out, want)

@@ -194,4 +194,4 @@ def make_sample(rng, stem):
 
 
 if __name__ == "__main__":
-    main("video", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=1000, n_val=100)
+    main("video", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=4000, n_val=200)
