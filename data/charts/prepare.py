@@ -67,4 +67,4 @@ def make_sample(rng, stem):
 
 
 if __name__ == "__main__":
-    main("charts", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=4000, n_val=400)
+    main("charts", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=20000, n_val=400)

@@ -43,4 +43,4 @@ def make_sample(rng, stem):
 
 
 if __name__ == "__main__":
-    main("text", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=4000, n_val=400)
+    main("text", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=40000, n_val=400)
