@@ -27,7 +27,9 @@ TASK_SETTINGS = {
     "shapes": {},
     "text": dict(image_size=64, patch_size=16),
     "charts": dict(image_size=64, patch_size=16),
-    "video": dict(batch_size=8),  # clips of 6-10 frames: 8 clips a batch
+    # clips of 6-10 frames, 8 a batch; 64 px (an object is 16 px across, one token); the encoder
+    # pretrained for 800 steps first (train.py's stage 1: the commentary alone teaches it slowly)
+    "video": dict(image_size=64, patch_size=16, batch_size=8, vision_pretrain_iters=800),
 }
 
 
