@@ -6,8 +6,9 @@ several seeds each. Reports greedy exact-match accuracy and the validation loss 
 
     python experiments/accuracy.py                        # 3 tasks x 7 models x 3 seeds (63 runs of ~4 min on one thread)
     python experiments/accuracy.py --tasks=shapes --seeds=1   # one column, one seed
-    python experiments/accuracy.py --tasks=text,charts --models=ca,ca_tv,insertion,blind --seeds=1 --max_iters=3000
-                                                          # a longer budget, with learning curves
+    python experiments/accuracy.py --tasks=text,charts --seeds=1 --max_iters=5000
+                                                          # the fine-grained columns: a longer budget, with
+                                                          # learning curves (14 runs of ~35 min on one thread)
 
 Runs go to runs/accuracy/<task>/<variant>-s<seed>/ (log.jsonl, ckpt.pt, train.txt); a run that
 already finished is not run again, so an interrupted sweep continues where it stopped. The table
@@ -27,6 +28,12 @@ from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, me
 # one budget for every run (train.py's recipe otherwise): ~4 min each on one CPU thread
 BUDGET = dict(max_iters=1000, batch_size=32, eval_interval=1000, num_show=0)
 CHANCE = {"shapes": "~0.13", "text": "~0", "charts": "~0.15"}
+
+
+def long_budget(max_iters):
+    """Another budget than BUDGET (--max_iters): (settings, runs folder); evaluated ten times along
+    the way, so learning.py draws its curves from the same runs."""
+    return dict(BUDGET, max_iters=max_iters, eval_interval=max(1, max_iters // 10)), f"runs/accuracy-{max_iters}"
 
 
 def jobs_for(tasks, models, seeds, budget=BUDGET, root="runs/accuracy"):
@@ -69,7 +76,7 @@ def main():
     parser.add_argument("--models", default=",".join([*(v for v in casa.VARIANTS if v != "ca_all"), "blind"]))
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--max_iters", type=int, default=BUDGET["max_iters"],
-                        help="another budget: runs go to runs/accuracy-N, evaluated every N/6 steps along the way")
+                        help="another budget: runs go to runs/accuracy-N, evaluated every N/10 steps along the way")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -77,8 +84,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     budget, root, name = BUDGET, "runs/accuracy", "accuracy"
     if args.max_iters != BUDGET["max_iters"]:
-        budget = dict(BUDGET, max_iters=args.max_iters, eval_interval=max(1, args.max_iters // 6))
-        root, name = f"runs/accuracy-{args.max_iters}", f"accuracy_{args.max_iters}"
+        (budget, root), name = long_budget(args.max_iters), f"accuracy_{args.max_iters}"
 
     results = run_all(jobs_for(tasks, models, seeds, budget, root), args.jobs, args.threads)
     header = (["model"] + [f"{t} accuracy" for t in tasks] + [f"{t} shuffled" for t in tasks]

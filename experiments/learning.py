@@ -1,15 +1,17 @@
 """
 How fast do the models learn to see? Accuracy against training time and steps, for each task and
-for `ca`, `ca_tv`, `insertion` and the blind baseline, all with train.py's recipe. Time to accuracy
-on the CPU is the number a user feels.
+for `ca`, `ca_tv`, `insertion` and the blind baseline (video: `ca`, `ca_all`, `insertion`), all with
+train.py's recipe. Time to accuracy on the CPU is the number a user feels.
 
-    python experiments/learning.py                        # shapes, 4 models, one seed
-    python experiments/learning.py --tasks=shapes,charts --models=ca,insertion
+    python experiments/learning.py                        # shapes, text, charts, video
+    python experiments/learning.py --tasks=shapes --models=ca,insertion
 
-Every run is an ordinary train.py command (printed), evaluated every --every steps on 400
-validation answers (exact match, plus the image-shuffle check). Runs go to runs/learning/<task>/
-<model>/; the table to docs/results/learning.md, the picture to docs/learning.png (a custom run
-writes under runs/results/ and runs/learning.png instead).
+Every run is an ordinary train.py command (printed). Shapes runs are this script's own (1000 steps,
+evaluated every 100 on 400 validation answers, runs/learning/shapes/<model>/); the other tasks' curves
+are those of the Table 2 and Table 4 runs, the same commands (text and charts: experiments/accuracy.py
+--max_iters=5000, seed 1, evaluated every 500 steps; video: experiments/video.py), run here if they
+have not been yet. The table goes to docs/results/learning.md, the picture to docs/learning.png (a
+custom run writes under runs/results/ and runs/learning.png instead).
 """
 
 import argparse
@@ -19,7 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import plots  # noqa: E402
+from experiments import accuracy, video  # noqa: E402
 from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, run_all, write_result  # noqa: E402
+
+FINE_ITERS = 5000  # text and charts: the budget of Table 2's fine-grained columns
 
 
 def curve(out_dir):
@@ -29,10 +34,37 @@ def curve(out_dir):
                 for r in map(json.loads, f) if "accuracy" in r]
 
 
+def learning_jobs(tasks, models, video_models, seed, max_iters, every):
+    """(jobs, where): the train.py runs behind every curve, and {(task, model): run folder}. Shapes
+    runs are this script's own; text, charts and video reuse the Table 2 and Table 4 runs (the same
+    folders and settings as experiments/accuracy.py --max_iters=FINE_ITERS and experiments/video.py)."""
+    jobs, where = [], {}  # where: (task, model) -> its run's folder
+    for task in tasks:
+        if task == "video":
+            for (out_dir, settings), model in zip(video.jobs_for(video_models, [seed]), video_models):
+                where[task, model] = out_dir
+                jobs.append((out_dir, settings))
+        elif task == "shapes":
+            for model in models:
+                settings = dict(dataset=task, **TASK_SETTINGS[task], variant="ca" if model == "blind" else model,
+                                seed=seed, max_iters=max_iters, eval_interval=every, num_show=0)
+                if model == "blind":
+                    settings["blind"] = True
+                where[task, model] = f"runs/learning/{task}/{model}"
+                jobs.append((where[task, model], settings))
+        else:  # the Table 2 runs of the fine-grained tasks
+            budget, root = accuracy.long_budget(FINE_ITERS)
+            for (out_dir, settings), model in zip(accuracy.jobs_for([task], models, [seed], budget, root), models):
+                where[task, model] = out_dir
+                jobs.append((out_dir, settings))
+    return jobs, where
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="shapes")
-    parser.add_argument("--models", default="ca,ca_tv,insertion,blind")
+    parser.add_argument("--tasks", default="shapes,text,charts,video")
+    parser.add_argument("--models", default="ca,ca_tv,insertion,blind", help="for shapes, text and charts")
+    parser.add_argument("--video_models", default=",".join(video.VARIANTS))
     parser.add_argument("--max_iters", type=int, default=1000)
     parser.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
     parser.add_argument("--seed", type=int, default=1)
@@ -43,17 +75,11 @@ def main():
     unknown = [t for t in tasks if t not in TASK_SETTINGS]
     if unknown:
         sys.exit(f"error: unknown task {unknown[0]!r}; choose from {', '.join(TASK_SETTINGS)}")
-    jobs = []
-    for task in tasks:
-        for model in models:
-            settings = dict(dataset=task, **TASK_SETTINGS[task], variant="ca" if model == "blind" else model,
-                            seed=args.seed, max_iters=args.max_iters, eval_interval=args.every, num_show=0)
-            if model == "blind":
-                settings["blind"] = True
-            jobs.append((f"runs/learning/{task}/{model}", settings))
+    jobs, where = learning_jobs(tasks, models, args.video_models.split(","), args.seed, args.max_iters, args.every)
     run_all(jobs, args.jobs, args.threads)
 
-    curves = {(t, m): curve(f"runs/learning/{t}/{m}") for t in tasks for m in models}
+    curves = {key: curve(out_dir) for key, out_dir in where.items()}
+    models = list(dict.fromkeys(m for _, m in where))  # every model drawn, in order
     rows = []
     for (task, model), c in curves.items():
         for step, t, acc, shuffled, by_kind in c:

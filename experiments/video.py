@@ -43,6 +43,11 @@ BUDGET = dict(dataset="video", **TASK_SETTINGS["video"], max_iters=4000, eval_in
 VARIANTS = ["ca", "ca_all", "insertion"]
 
 
+def jobs_for(variants, seeds, budget=BUDGET, root="runs/video"):
+    """(out_dir, train.py settings) of every variant x seed."""
+    return [(f"{root}/{v}-s{s}", dict(variant=v, seed=s, **budget)) for v in variants for s in seeds]
+
+
 def memory_accuracy(ckpt_path):
     """Greedy exact-match accuracy on the last turn of every video_memory clip of the validation
     split: {"all": acc, "color": acc, "shape": acc, "n": count}."""
@@ -132,7 +137,7 @@ def main():
     if args.max_iters != BUDGET["max_iters"]:
         budget = dict(BUDGET, max_iters=args.max_iters, eval_interval=max(1, args.max_iters // 8))
         root, name = f"runs/video-{args.max_iters}", f"video_{args.max_iters}"
-    jobs = [(f"{root}/{v}-s{s}", dict(variant=v, seed=s, **budget)) for v in variants for s in seeds]
+    jobs = jobs_for(variants, seeds, budget, root)
     results = run_all(jobs, args.jobs, args.threads)
 
     rows, data = [], {}

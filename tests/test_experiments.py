@@ -53,6 +53,22 @@ def test_jobs_share_one_budget_and_blind_is_ca_on_blank_images():
         assert {k: s[k] for k in accuracy.BUDGET} == accuracy.BUDGET
 
 
+def test_learning_curves_reuse_the_table_runs():
+    """learning.py draws text, charts and video from the Table 2 / Table 4 runs: the same folders and
+    the same train.py settings, so no run is trained twice."""
+    from experiments import learning, video
+
+    jobs, where = learning.learning_jobs(["shapes", "text", "video"], ["ca", "blind"], ["ca", "insertion"], 1, 1000, 100)
+    budget, root = accuracy.long_budget(learning.FINE_ITERS)
+    table2 = dict(accuracy.jobs_for(["text"], ["ca", "blind"], [1], budget, root))
+    assert {where["text", m] for m in ("ca", "blind")} == set(table2)
+    assert all(dict(jobs)[d] == s for d, s in table2.items())
+    table4 = dict(video.jobs_for(["ca", "insertion"], [1]))
+    assert {where["video", m] for m in ("ca", "insertion")} == set(table4) and all(dict(jobs)[d] == s for d, s in table4.items())
+    assert where["video", "ca"] == "runs/video/ca-s1" and table4["runs/video/ca-s1"]["variant"] == "ca"
+    assert dict(jobs)[where["shapes", "blind"]]["blind"] is True and len(jobs) == 6
+
+
 def test_mean_spread_is_mean_and_sample_std():
     xs = [0.5, 0.25, 0.375]
     assert runs.mean_spread(xs) == f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
