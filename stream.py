@@ -66,7 +66,7 @@ SETTINGS = dict(
     no_wait=False,  # don't wait for a frame's real arrival time
     compare="",  # several checkpoints (a.pt,b.pt): the clips played back to back, captioned side by side
     compare_json="",  # with compare: write every frame's times and captions here
-    compare_png="",  # with compare: draw the first clip's frames with each model's captions and delays here
+    compare_png="",  # with compare: draw the last clip's frames with each model's captions and delays here
     one_stream=False,  # with compare: the clips go through ONE cache, one long conversation (each model's cache
     # reserved for the whole stream), instead of a fresh cache per clip; add --recent_tokens to bound CA's
     # benchmark
@@ -301,14 +301,14 @@ def compare(args):
     fps = args.fps or clips[indices[0]].get("fps", 2.0)
     tok = casa.get_tokenizer()
     stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
-    results, refs, first_clip = {}, [], None
+    results, refs, last_clip = {}, [], None
     for path, (model, _) in zip(paths, models):
         model.eval()
         stream_clips, refs = [], []
         for i in indices:
             frames, prompts, r, _, _ = load_frames(args, model.config.image_size, folder, clips[i], i)
             stream_clips.append((frames, prompts))
-            first_clip = first_clip if first_clip is not None else frames
+            last_clip = frames
             refs += r if r is not None else [None] * len(frames)
         bound = {}
         if args.recent_tokens and not model.config.keeps_every_frame:
@@ -334,9 +334,9 @@ def compare(args):
               f"(frame interval {1000 / fps:.0f} ms); delay over the first 10% of frames "
               f"{sum(x['delay'] for x in r[:n]) / n:+.2f}s, last 10% {sum(x['delay'] for x in r[-n:]) / n:+.2f}s, "
               f"max {max(x['delay'] for x in r):+.2f}s; exactly right {right}/{sum(ref is not None for ref in refs)}")
-    if args.compare_png:
-        k = len(first_clip)
-        plots.caption_strip(first_clip, names, [results[p][:k] for p in paths], refs[:k], fps, args.compare_png)
+    if args.compare_png:  # the last clip: where a model that fell behind is furthest behind
+        k = len(last_clip)
+        plots.caption_strip(last_clip, names, [results[p][-k:] for p in paths], refs[-k:], fps, args.compare_png)
         print(f"wrote {args.compare_png}")
     if args.compare_json:
         with open(args.compare_json, "w") as f:

@@ -215,7 +215,7 @@ def mask_panel(title, mask, key_is_image, q_labels, k_labels, cell=14):
 def caption_strip(frames, names, results, refs, fps, path, cell=96):
     """Live captioning in the manner of the paper's Fig. 3: a strip of frames (a (3, S, S) tensor
     each), and under each, per model, its caption and its delay (green: ready before the next frame
-    arrives, red: later). results[m][i]: dict with 'text' and 'delay' (seconds)."""
+    arrives, red: later). results[m][i]: dict with 'text', 'delay' and (optional) 'arrival' (seconds)."""
     small, big = font(12), font(14)
     interval = 1 / fps
     line_h, wrap = 15, cell // 6
@@ -231,7 +231,8 @@ def caption_strip(frames, names, results, refs, fps, path, cell=96):
     for i, frame in enumerate(frames):
         x = label_w + i * (cell + 6)
         im.paste(to_pil(frame).resize((cell, cell), Image.NEAREST), (x, 30))
-        d.text((x + 2, 30 + cell + 4), f"t = {i * interval:.2f}s", fill=(90, 90, 90), font=small)
+        d.text((x + 2, 30 + cell + 4), f"t = {results[0][i].get('arrival', i * interval):.2f}s", fill=(90, 90, 90),
+               font=small)  # the frame's time in the stream
         if refs[i]:
             d.rectangle([x, 30, x + cell - 1, 30 + cell - 1], outline=(200, 200, 200))
     y = 30 + cell + 24

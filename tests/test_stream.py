@@ -292,8 +292,11 @@ def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
                            "--compare_png", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
     assert "exactly right 0/5" in out and len(json.loads((tmp_path / "c.json").read_text())["results"]) == 2
-    with Image.open(tmp_path / "c.png") as img:  # the strip: the first clip's 3 frames
-        assert img.size[0] > 3 * 96
+    # the strip shows the last clip (2 frames): one frame (96 px + 6) narrower than clip 0's (3 frames)
+    stream.main(["--compare", f"{paths[0]},{paths[1]}", "--clip", "0", "--max_new_tokens", "1", "--device", "cpu",
+                 "--compare_png", str(tmp_path / "c0.png")])
+    with Image.open(tmp_path / "c.png") as img, Image.open(tmp_path / "c0.png") as img0:
+        assert img.size[0] == img0.size[0] - (96 + 6)
     tok = casa.get_tokenizer()
     stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
     for path in paths:
