@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
-from data.loader import Dataset  # noqa: E402
+from data.loader import Dataset, score  # noqa: E402
 from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, predictions, run_all, write_result  # noqa: E402
 
 # one budget for every variant: experiments/runs.py's video settings (64 px, 16 tokens a frame, 8 clips a
@@ -95,6 +95,19 @@ def turn_kind(sample, t):
     return "comment"
 
 
+def turn_accuracy(ckpt_path):
+    """Exact match of every turn of the checkpoint's validation clips, as train.py's evaluation
+    counts it (teacher forcing: the true earlier turns in the context), grouped by turn_kind:
+    {"comment" | "memory: color" | "memory: shape": (accuracy, number of turns)}."""
+    model, ckpt = casa.load_checkpoint(ckpt_path)
+    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
+    _, right = score(model.eval(), data, batch_size=16)
+    groups = {}
+    for (i, t), ok in right.items():
+        groups.setdefault(turn_kind(data.samples[i], t), []).append(ok)
+    return {k: (sum(v) / len(v), len(v)) for k, v in sorted(groups.items())}
+
+
 def bounded(args):
     """--bounded: the accuracy cost of a bounded cache, per W, on the checkpoint's validation clips."""
     model, ckpt = casa.load_checkpoint(args.bounded)
@@ -143,21 +156,25 @@ def main():
     rows, data = [], {}
     for v in variants:
         recs = [results[f"{root}/{v}-s{s}"] for s in seeds]
-        mem = [memory_accuracy(os.path.join(ROOT, f"{root}/{v}-s{s}/ckpt.pt")) for s in seeds]
-        caption = [r["accuracy_by_task"]["video_caption"] for r in recs]
-        data[v] = dict(accuracy=[r["accuracy"] for r in recs], caption=caption, memory_last=[m["all"] for m in mem],
-                       memory_color=[m["color"] for m in mem], memory_shape=[m["shape"] for m in mem],
-                       val_loss=[r["val_loss"] for r in recs], wall_s=[r.get("wall_s") for r in recs])
-        config = casa.Config(variant=v)
-        rows.append([v, casa.kv_formula(config), mean_spread(data[v]["accuracy"]), mean_spread(caption),
-                     mean_spread(data[v]["memory_last"]), mean_spread(data[v]["memory_color"]),
-                     mean_spread(data[v]["memory_shape"]), mean_spread(data[v]["val_loss"])])
-    n = mem[0]["n"]
-    header = ["variant", "#KV per layer", "all turns", "caption turns", f"memory: last turn ({n} clips)",
-              "memory: colour", "memory: shape", "val loss"]
+        paths = [os.path.join(ROOT, f"{root}/{v}-s{s}/ckpt.pt") for s in seeds]
+        turns = [turn_accuracy(p) for p in paths]
+        mem = [memory_accuracy(p) for p in paths]
+        data[v] = dict(comment=[t["comment"][0] for t in turns], memory_color=[m["color"] for m in mem],
+                       memory_shape=[m["shape"] for m in mem], memory_last=[m["all"] for m in mem],
+                       accuracy=[r["accuracy"] for r in recs], shuffled=[r["shuffled_accuracy"] for r in recs],
+                       val_loss=[r["val_loss"] for r in recs], train_s=[r.get("train_s") for r in recs])
+        rows.append([v, casa.kv_formula(casa.Config(variant=v)), mean_spread(data[v]["comment"]),
+                     mean_spread(data[v]["memory_color"]), mean_spread(data[v]["memory_shape"]),
+                     mean_spread(data[v]["accuracy"]), mean_spread(data[v]["shuffled"]),
+                     mean_spread(data[v]["val_loss"], 4), f"{sum(data[v]['train_s']) / len(seeds) / 60:.0f}"])
+    counts = turn_accuracy(paths[0])
+    n_comment, n_color, n_shape = (counts[k][1] for k in ("comment", "memory: color", "memory: shape"))
+    header = ["variant", "#KV per layer", f"comment turns ({n_comment})", f"memory: colour ({n_color} clips)",
+              f"memory: shape ({n_shape})", "all turns", "images shuffled", "val loss", "training min"]
     settings = ", ".join(f"{k}={v}" for k, v in budget.items() if k not in ("eval_interval", "num_show"))
-    text = (f"Video memory: greedy exact-match accuracy on data/video's validation clips; {settings}; train.py "
-            f"defaults otherwise (4 x 128, 16 image tokens per frame); "
+    text = (f"Video: exact match on data/video's validation clips (comment turns teacher-forced, as train.py "
+            f"counts them; the memory question answered greedily after the true clip); {settings}; train.py "
+            f"defaults otherwise (4 x 128); "
             f"{'mean ± std over seeds ' + args.seeds if len(seeds) > 1 else 'seed ' + args.seeds}.\n\n"
             + markdown_table(header, rows))
     write_result(name, text, data, published=is_default(parser, args))

@@ -121,6 +121,23 @@ def test_memory_accuracy_scores_the_last_turn_of_each_memory_clip(tmp_path):
     assert abs(got["all"] * len(memory) - got["color"] * n_color - got["shape"] * (len(memory) - n_color)) < 1e-9
 
 
+def test_turn_accuracy_groups_every_turn_of_the_clips(tmp_path):
+    """Every validation turn is counted once: the memory clips' last turns by question, all others
+    (both kinds of clip) as comments."""
+    run("data/video/prepare.py", "--out", tmp_path / "video", "--n_train", 2, "--n_val", 12)
+    config = casa.Config(variant="ca", n_layer=1, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
+                         image_size=16, patch_size=8, block_size=512)
+    casa.save_checkpoint(tmp_path / "ckpt.pt", casa.VLM(config), dataset_dir=str(tmp_path / "video"))
+    got = video.turn_accuracy(str(tmp_path / "ckpt.pt"))
+    with open(tmp_path / "video" / "val.jsonl") as f:
+        clips = [json.loads(line) for line in f]
+    memory = [c for c in clips if c["task"] == "video_memory"]
+    n_color = sum("color" in c["turns"][-1]["prompt"] for c in memory)
+    assert got["memory: color"][1] == n_color and got["memory: shape"][1] == len(memory) - n_color
+    assert got["comment"][1] == sum(len(c["turns"]) for c in clips) - len(memory)
+    assert all(0 <= acc <= 1 for acc, _ in got.values())
+
+
 def test_only_a_default_run_counts_as_published():
     import argparse
     parser = argparse.ArgumentParser()
