@@ -106,11 +106,16 @@ def test_mass_on_averages_attention_mass_over_length_groups(tmp_path):
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_memory_accuracy_scores_the_last_turn_of_each_memory_clip(tmp_path):
+def tiny_video_checkpoint(tmp_path):
+    """tmp_path/video (2 training, 12 validation clips) and tmp_path/ckpt.pt, a tiny random ca model on it."""
     run("data/video/prepare.py", "--out", tmp_path / "video", "--n_train", 2, "--n_val", 12)
     config = casa.Config(variant="ca", n_layer=1, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
                          image_size=16, patch_size=8, block_size=512)
     casa.save_checkpoint(tmp_path / "ckpt.pt", casa.VLM(config), dataset_dir=str(tmp_path / "video"))
+
+
+def test_memory_accuracy_scores_the_last_turn_of_each_memory_clip(tmp_path):
+    tiny_video_checkpoint(tmp_path)
     got = video.memory_accuracy(str(tmp_path / "ckpt.pt"))
     with open(tmp_path / "video" / "val.jsonl") as f:
         clips = [json.loads(line) for line in f]
@@ -124,10 +129,7 @@ def test_memory_accuracy_scores_the_last_turn_of_each_memory_clip(tmp_path):
 def test_turn_accuracy_groups_every_turn_of_the_clips(tmp_path):
     """Every validation turn is counted once: the memory clips' last turns by question, all others
     (both kinds of clip) as comments."""
-    run("data/video/prepare.py", "--out", tmp_path / "video", "--n_train", 2, "--n_val", 12)
-    config = casa.Config(variant="ca", n_layer=1, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
-                         image_size=16, patch_size=8, block_size=512)
-    casa.save_checkpoint(tmp_path / "ckpt.pt", casa.VLM(config), dataset_dir=str(tmp_path / "video"))
+    tiny_video_checkpoint(tmp_path)
     got = video.turn_accuracy(str(tmp_path / "ckpt.pt"))
     with open(tmp_path / "video" / "val.jsonl") as f:
         clips = [json.loads(line) for line in f]

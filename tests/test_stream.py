@@ -274,10 +274,8 @@ def test_bench_reserves_the_session_up_front():
     assert allocations("--grow") > stores_with_layers
 
 
-def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
-    """--compare: two checkpoints caption the same clips played back to back. Each model's captions
-    are what generate gives with a fresh cache per clip, and its delays follow the real-time clock:
-    a turn starts at max(its frame's arrival, the previous turn's end) and lasts its compute time."""
+def two_clips_two_models(tmp_path):
+    """A dataset of two clips (frames 0-2 and 3-4) and tiny ca and insertion checkpoints made on it."""
     data = tmp_path / "video"
     names = write_frames(data / "images", 5)
     clips = [{"images": [f"images/{n}" for n in names[a:b]], "task": "video_caption", "fps": 2,
@@ -286,6 +284,14 @@ def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
     paths = [tmp_path / "ca.pt", tmp_path / "ins.pt"]
     tiny_checkpoint(paths[0], dataset_dir=str(data))
     tiny_checkpoint(paths[1], variant="insertion", dataset_dir=str(data))
+    return data, names, clips, paths
+
+
+def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
+    """--compare: two checkpoints caption the same clips played back to back. Each model's captions
+    are what generate gives with a fresh cache per clip, and its delays follow the real-time clock:
+    a turn starts at max(its frame's arrival, the previous turn's end) and lasts its compute time."""
+    data, names, clips, paths = two_clips_two_models(tmp_path)
     fps = 40.0
     results = stream.main(["--compare", f"{paths[0]},{paths[1]}", "--clip", "0-1", "--fps", str(fps),
                            "--max_new_tokens", "4", "--device", "cpu", "--compare_json", str(tmp_path / "c.json"),
@@ -324,14 +330,7 @@ def test_compare_one_stream_carries_the_cache_across_clips(tmp_path, bound):
     """--one_stream: the clips are one conversation. Each model's captions are what generate gives
     with ONE cache for the whole stream (for CA with --recent_tokens, one bounded cache: the first 2
     and the last 6 text tokens; insertion keeps every frame, so it stays unbounded)."""
-    data = tmp_path / "video"
-    names = write_frames(data / "images", 5)
-    clips = [{"images": [f"images/{n}" for n in names[a:b]], "task": "video_caption", "fps": 2,
-              "turns": [{"prompt": casa.IMAGE, "answer": f"line {i}"} for i in range(a, b)]} for a, b in ((0, 3), (3, 5))]
-    (data / "val.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clips))
-    paths = [tmp_path / "ca.pt", tmp_path / "ins.pt"]
-    tiny_checkpoint(paths[0], dataset_dir=str(data))
-    tiny_checkpoint(paths[1], variant="insertion", dataset_dir=str(data))
+    data, names, clips, paths = two_clips_two_models(tmp_path)
     results = stream.main(["--compare", f"{paths[0]},{paths[1]}", "--clip", "0-1", "--fps", "40", "--one_stream",
                            "--max_new_tokens", "4", "--device", "cpu", *bound])
     tok = casa.get_tokenizer()
