@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from data.common import COLORS, MARKER, SHAPES, SIZE, a_an, canvas, draw_shape, main  # noqa: E402
 
 FPS = 2
-R, STEP = 8, 8                 # shape radius and how far one move goes (one radius: easy to see)
+R, STEP = 8, 16                # shape radius and how far one move goes: one object width, one 16 px token
 LO, HI = R + 1, SIZE - 2 - R   # allowed centres, so shapes never touch the border
 BACKGROUND = (255, 255, 255)   # fixed, so "appears" / "disappears" are unambiguous
 DIRECTIONS = {"left": (-STEP, 0), "right": (STEP, 0), "up": (0, -STEP), "down": (0, STEP)}
