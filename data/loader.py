@@ -340,13 +340,15 @@ def shuffle_images(images, generator):
 
 
 @torch.no_grad()
-def score(model, data, batch_size, limit=None, shuffle=False, device="cpu", autocast=None):
+def score(model, data, batch_size, limit=None, shuffle=False, device="cpu", autocast=None, per_token=False):
     """Exact match and loss of every answer of the first `limit` samples of `data`, in one forward
     pass per batch (teacher forcing). An answer counts as right when each of its tokens and its
     <|endoftext|> is the model's top choice given the true text before it: exactly the answers that
     greedy decoding (answer(), sample.py) reproduces, found without generating.
     shuffle: give every <|image|> marker another image of its batch (the image-use check: a model
     that ignores its images scores the same with them shuffled).
+    per_token: each answer's value is then the list of its tokens' rights (the answer's tokens, then
+    <|endoftext|>), to see which part of an answer is wrong.
     Returns (mean loss per answer token, {(sample index, turn index): right})."""
     import contextlib
 
@@ -367,7 +369,8 @@ def score(model, data, batch_size, limit=None, shuffle=False, device="cpu", auto
         ok = ((logits.argmax(-1) == targets) | ~has).cpu()
         for r, i in enumerate(rows):
             for t, (_, p, end) in enumerate(data.samples[i].turns_at):
-                right[i, t] = bool(ok[r, p - 1 : end - 1].all())  # the targets of ids[p:end]
+                tokens = ok[r, p - 1 : end - 1]  # the targets of ids[p:end]
+                right[i, t] = tokens.tolist() if per_token else bool(tokens.all())
     return loss_sum / max(n_tok, 1), right
 
 

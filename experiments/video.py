@@ -1,18 +1,23 @@
 """
 The paper's Table 4 at toy scale: streaming video, where the last question of a "video_memory"
 clip needs the FIRST frame ("what color was the shape in the first frame?") and the last frame
-always shows something else. Three ways to let a model remember:
+always shows something else. Three ways to let a model remember, and a baseline:
 
   ca         one frame per window: CA sees only the current frame; what earlier frames showed
              survives only in the cached text tokens (the "gist" the paper relies on)
-  ca_all     all frames in one window: CA sees every past frame (KV grows by N per frame)
-  insertion  every frame's tokens inserted into the self-attention stream (KV grows by N per frame)
+  ca_all     all frames in one window: CA sees every past frame (KV grows by N per frame). Vanilla
+             CA has no positions, so the frames reach its CA layers as one unordered set: which one
+             came first, or which way a shape moved, it can only tell from the gist tokens, as ca
+  insertion  every frame's tokens inserted into the self-attention stream (KV grows by N per frame),
+             in order: RoPE positions tell the frames apart
+  blind      ca trained and evaluated on blank frames: what the text alone gives
 
 Each is trained on data/video (captions of every frame + the memory question) with one budget,
-several seeds; reported: accuracy over every turn, and the last-turn accuracy of the memory clips
-(colour and shape questions; chance ~1/6 and 1/5).
+several seeds; reported: exact match of the comment turns, and of their colour, shape and direction
+words (what a wrong comment gets wrong), and the last-turn accuracy of the memory clips (colour and
+shape questions; chance ~1/6 and 1/5).
 
-    python experiments/video.py                      # 3 variants, seed 1, 4000 steps each
+    python experiments/video.py                      # 3 variants and blind, seed 1, 4000 steps each
     python experiments/video.py --seeds=1,2,3        # mean ± std over three seeds
     python experiments/video.py --max_iters=2000     # another budget (runs go to runs/video-2000)
 
@@ -34,18 +39,21 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
+from data.common import COLORS, SHAPES  # noqa: E402
 from data.loader import Dataset, score  # noqa: E402
 from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, predictions, run_all, write_result  # noqa: E402
 
 # one budget for every variant: experiments/runs.py's video settings (64 px, 16 tokens a frame, 8 clips a
 # batch, 800 steps of vision pretraining), 4000 steps, evaluated every 500
 BUDGET = dict(dataset="video", **TASK_SETTINGS["video"], max_iters=4000, eval_interval=500, num_show=0)
-VARIANTS = ["ca", "ca_all", "insertion"]
+VARIANTS = ["ca", "ca_all", "insertion", "blind"]
 
 
 def jobs_for(variants, seeds, budget=BUDGET, root="runs/video"):
-    """(out_dir, train.py settings) of every variant x seed."""
-    return [(f"{root}/{v}-s{s}", dict(variant=v, seed=s, **budget)) for v in variants for s in seeds]
+    """(out_dir, train.py settings) of every variant x seed; 'blind' is ca with blank images."""
+    return [(f"{root}/{v}-s{s}", dict(variant="ca" if v == "blind" else v, seed=s, **budget,
+                                      **({"blind": True} if v == "blind" else {})))
+            for v in variants for s in seeds]
 
 
 def memory_accuracy(ckpt_path):
@@ -95,16 +103,40 @@ def turn_kind(sample, t):
     return "comment"
 
 
+# what a word of a comment needs to be right: the colour and shape need the pixels of this frame, the
+# direction the previous frame too; the other words ("the", "moves", ...) follow from those
+WORD_ROLES = {**{c: "colour" for c in COLORS}, **{s: "shape" for s in SHAPES},
+              **{d: "direction" for d in ("left", "right", "up", "down")}}
+
+
+def word_rights(answer, token_rights):
+    """[(role, right)] for each word of `answer` that WORD_ROLES names: a word is right when each of
+    its tokens is (one token a byte: the tokenizer is byte-level)."""
+    out, at = [], 0
+    for word in answer.split(" "):
+        if word in WORD_ROLES:
+            out.append((WORD_ROLES[word], all(token_rights[at : at + len(word.encode())])))
+        at += len(word.encode()) + 1
+    return out
+
+
 def turn_accuracy(ckpt_path):
     """Exact match of every turn of the checkpoint's validation clips, as train.py's evaluation
     counts it (teacher forcing: the true earlier turns in the context), grouped by turn_kind:
-    {"comment" | "memory: color" | "memory: shape": (accuracy, number of turns)}."""
+    {"comment" | "memory: color" | "memory: shape": (accuracy, number of turns)}, and the same per
+    word of the comments: {"word: colour" | "word: shape" | "word: direction": (accuracy, number)},
+    which says what the comments that are wrong get wrong."""
     model, ckpt = casa.load_checkpoint(ckpt_path)
-    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
-    _, right = score(model.eval(), data, batch_size=16)
+    blind = ckpt.get("train_args", {}).get("blind", False)  # a blind model is scored on blank images
+    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size, blind=blind)
+    _, rights = score(model.eval(), data, batch_size=16, per_token=True)
     groups = {}
-    for (i, t), ok in right.items():
-        groups.setdefault(turn_kind(data.samples[i], t), []).append(ok)
+    for (i, t), tokens in rights.items():
+        kind = turn_kind(data.samples[i], t)
+        groups.setdefault(kind, []).append(all(tokens))
+        if kind == "comment":
+            for role, ok in word_rights(data.samples[i].turns[t][1], tokens):
+                groups.setdefault(f"word: {role}", []).append(ok)
     return {k: (sum(v) / len(v), len(v)) for k, v in sorted(groups.items())}
 
 
@@ -159,17 +191,21 @@ def main():
         paths = [os.path.join(ROOT, f"{root}/{v}-s{s}/ckpt.pt") for s in seeds]
         turns = [turn_accuracy(p) for p in paths]
         mem = [memory_accuracy(p) for p in paths]
-        data[v] = dict(comment=[t["comment"][0] for t in turns], memory_color=[m["color"] for m in mem],
+        data[v] = dict(comment=[t["comment"][0] for t in turns],
+                       **{f"word_{r}": [t[f"word: {r}"][0] for t in turns] for r in ("colour", "shape", "direction")},
+                       memory_color=[m["color"] for m in mem],
                        memory_shape=[m["shape"] for m in mem], memory_last=[m["all"] for m in mem],
                        accuracy=[r["accuracy"] for r in recs], shuffled=[r["shuffled_accuracy"] for r in recs],
                        val_loss=[r["val_loss"] for r in recs], train_s=[r.get("train_s") for r in recs])
-        rows.append([v, casa.kv_formula(casa.Config(variant=v)), mean_spread(data[v]["comment"]),
+        rows.append([v, "none" if v == "blind" else casa.kv_formula(casa.Config(variant=v)), mean_spread(data[v]["comment"]),
+                     *(mean_spread(data[v][f"word_{r}"]) for r in ("colour", "shape", "direction")),
                      mean_spread(data[v]["memory_color"]), mean_spread(data[v]["memory_shape"]),
                      mean_spread(data[v]["accuracy"]), mean_spread(data[v]["shuffled"]),
                      mean_spread(data[v]["val_loss"], 4), f"{sum(data[v]['train_s']) / len(seeds) / 60:.0f}"])
     counts = turn_accuracy(paths[0])
     n_comment, n_color, n_shape = (counts[k][1] for k in ("comment", "memory: color", "memory: shape"))
-    header = ["variant", "#KV per layer", f"comment turns ({n_comment})", f"memory: colour ({n_color} clips)",
+    header = ["variant", "#KV per layer", f"comment turns ({n_comment})", "their colour words", "shape words",
+              "direction words", f"memory: colour ({n_color} clips)",
               f"memory: shape ({n_shape})", "all turns", "images shuffled", "val loss", "training min"]
     settings = ", ".join(f"{k}={v}" for k, v in budget.items() if k not in ("eval_interval", "num_show"))
     text = (f"Video: exact match on data/video's validation clips (comment turns teacher-forced, as train.py "

@@ -138,6 +138,33 @@ def test_turn_accuracy_groups_every_turn_of_the_clips(tmp_path):
     assert got["memory: color"][1] == n_color and got["memory: shape"][1] == len(memory) - n_color
     assert got["comment"][1] == sum(len(c["turns"]) for c in clips) - len(memory)
     assert all(0 <= acc <= 1 for acc, _ in got.values())
+    # every comment word that names a colour, shape or direction is counted once
+    words = [w for c in clips for turn in c["turns"][: len(c["turns"]) - (c["task"] == "video_memory")]
+             for w in turn["answer"].split(" ")]
+    for role in ("colour", "shape", "direction"):
+        assert got[f"word: {role}"][1] == sum(video.WORD_ROLES.get(w) == role for w in words)
+
+
+def test_word_rights_finds_each_named_word_by_its_bytes():
+    """A word of a comment is right when every byte of it is: one wrong byte makes that word wrong and
+    no other; words that name no colour, shape or direction are not counted."""
+    answer = "the orange circle moves left"
+    n = len(answer.encode()) + 1  # the answer's tokens, then <|endoftext|>
+    assert video.word_rights(answer, [True] * n) == [("colour", True), ("shape", True), ("direction", True)]
+    for word, role in (("orange", "colour"), ("circle", "shape"), ("left", "direction")):
+        rights = [True] * n
+        rights[answer.index(word) + len(word) - 1] = False  # the word's last byte
+        got = video.word_rights(answer, rights)
+        assert [ok for r, ok in got if r == role] == [False] and all(ok for r, ok in got if r != role)
+    rights = [True] * n
+    rights[answer.index("moves")] = False
+    assert all(ok for _, ok in video.word_rights(answer, rights))
+
+
+def test_video_jobs_train_blind_as_ca_on_blank_frames():
+    jobs = dict(video.jobs_for(["ca", "blind"], [1]))
+    assert jobs["runs/video/blind-s1"] == dict(jobs["runs/video/ca-s1"], blind=True)
+    assert "blind" not in jobs["runs/video/ca-s1"]
 
 
 def test_only_a_default_run_counts_as_published():
