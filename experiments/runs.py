@@ -116,8 +116,10 @@ def markdown_table(header, rows):
 
 def is_default(parser, args):
     """True when every argument has its default value: only then does a script's table replace the
-    published one in docs/results/."""
-    return all(getattr(args, a.dest) == a.default for a in parser._actions if a.dest != "help")
+    published one in docs/results/. --jobs and --threads say how the runs share the machine, not what
+    they compute, so they may differ."""
+    return all(getattr(args, a.dest) == a.default for a in parser._actions
+               if a.dest not in ("help", "jobs", "threads"))
 
 
 def write_result(name, text, data=None, published=True):

@@ -175,6 +175,8 @@ def test_only_a_default_run_counts_as_published():
     assert runs.is_default(parser, parser.parse_args([]))
     assert runs.is_default(parser, parser.parse_args(["--seeds=1,2,3"]))  # spelled out, still the default
     assert not runs.is_default(parser, parser.parse_args(["--tasks=shapes"]))
+    parser.add_argument("--threads", type=int, default=1)  # how runs share the machine, not what they compute
+    assert runs.is_default(parser, parser.parse_args(["--threads=2"]))
 
 
 def test_streamed_answers_equal_one_full_forward_unless_the_cache_is_bounded(tmp_path):
