@@ -241,7 +241,8 @@ def caption_strip(frames, names, results, refs, fps, path, cell=96):
         for i in range(len(frames)):
             x = label_w + i * (cell + 6)
             delay = results[m][i]["delay"]
-            d.text((x, y), f"{1000 * delay:+.0f} ms", font=small,
+            late = f"{1000 * delay:+.0f} ms" if abs(delay) < 10 else f"{delay:+.1f} s"  # a model far behind
+            d.text((x, y), late, font=small,
                    fill=(0, 140, 0) if delay <= interval else (200, 0, 0))
             for k, line in enumerate(blocks[i][m]):
                 ok = refs[i] is not None and results[m][i]["text"].strip() == refs[i].strip()
