@@ -23,7 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
-from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, predictions, run_all, write_result  # noqa: E402
+from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,  # noqa: E402
+                             predictions, run_all, write_result)
 
 # one budget for every run (train.py's recipe otherwise): ~4 min each on one CPU thread
 BUDGET = dict(max_iters=1000, batch_size=32, eval_interval=1000, num_show=0)
@@ -42,10 +43,7 @@ def jobs_for(tasks, models, seeds, budget=BUDGET, root="runs/accuracy"):
     for task in tasks:
         for model in models:
             for seed in seeds:
-                settings = dict(dataset=task, **TASK_SETTINGS.get(task, {}), variant="ca" if model == "blind" else model,
-                                seed=seed, **budget)
-                if model == "blind":
-                    settings["blind"] = True
+                settings = dict(dataset=task, **TASK_SETTINGS.get(task, {}), **model_settings(model), seed=seed, **budget)
                 jobs.append((f"{root}/{task}/{model}-s{seed}", settings))
     return jobs
 

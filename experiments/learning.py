@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import plots  # noqa: E402
 from experiments import accuracy, video  # noqa: E402
-from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, run_all, write_result  # noqa: E402
+from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, model_settings, run_all, write_result  # noqa: E402
 
 FINE_ITERS = 5000  # text and charts: the budget of Table 2's fine-grained columns
 
@@ -47,10 +47,8 @@ def learning_jobs(tasks, models, video_models, seed, max_iters, every):
                 jobs.append((out_dir, settings))
         elif task == "shapes":
             for model in models:
-                settings = dict(dataset=task, **TASK_SETTINGS[task], variant="ca" if model == "blind" else model,
-                                seed=seed, max_iters=max_iters, eval_interval=every, num_show=0)
-                if model == "blind":
-                    settings["blind"] = True
+                settings = dict(dataset=task, **TASK_SETTINGS[task], **model_settings(model), seed=seed,
+                                max_iters=max_iters, eval_interval=every, num_show=0)
                 where[task, model] = f"runs/learning/{task}/{model}"
                 jobs.append((where[task, model], settings))
         else:  # the Table 2 runs of the fine-grained tasks

@@ -87,17 +87,27 @@ def run_all(jobs, parallel=2, threads=1):
     return {d: final_record(d) for d, _ in jobs}
 
 
+def model_settings(model):
+    """The train.py settings that make a table's model: a variant, or 'blind' (ca with blank images)."""
+    return dict(variant="ca", blind=True) if model == "blind" else dict(variant=model)
+
+
+def validation_split(ckpt_path):
+    """(model, its validation Dataset) of a checkpoint: blank images if it was trained blind."""
+    model, ckpt = casa.load_checkpoint(ckpt_path)
+    blind = ckpt.get("train_args", {}).get("blind", False)
+    return model.eval(), Dataset(ckpt["dataset_dir"], "val", model.config.image_size, blind=blind)
+
+
 @torch.no_grad()
 def predictions(ckpt_path, keep=lambda item, data: True):
     """Greedy answers of a checkpoint on its validation split (blank images if it was trained blind):
     [(eval item, answer string)] for the items `keep(item, data)` selects, in eval_batches' order."""
-    model, ckpt = casa.load_checkpoint(ckpt_path)
-    blind = ckpt.get("train_args", {}).get("blind", False)
-    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size, blind=blind)
+    model, data = validation_split(ckpt_path)
     items = [it for it in data.eval_items() if keep(it, data)]
     out = []
     for idx, images, chunk in eval_batches(items, 128):
-        out += zip(chunk, answer(model.eval(), idx, images, data.tokenizer, data.max_answer_len() + 4))
+        out += zip(chunk, answer(model, idx, images, data.tokenizer, data.max_answer_len() + 4))
     return out
 
 

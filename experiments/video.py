@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
 from data.common import COLORS, SHAPES  # noqa: E402
 from data.loader import Dataset, score  # noqa: E402
-from experiments.runs import ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, predictions, run_all, write_result  # noqa: E402
+from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,  # noqa: E402
+                             predictions, run_all, validation_split, write_result)
 
 # one budget for every variant: experiments/runs.py's video settings (64 px, 16 tokens a frame, 8 clips a
 # batch, 800 steps of vision pretraining), 4000 steps, evaluated every 500
@@ -51,9 +52,7 @@ VARIANTS = ["ca", "ca_all", "insertion", "blind"]
 
 def jobs_for(variants, seeds, budget=BUDGET, root="runs/video"):
     """(out_dir, train.py settings) of every variant x seed; 'blind' is ca with blank images."""
-    return [(f"{root}/{v}-s{s}", dict(variant="ca" if v == "blind" else v, seed=s, **budget,
-                                      **({"blind": True} if v == "blind" else {})))
-            for v in variants for s in seeds]
+    return [(f"{root}/{v}-s{s}", dict(**model_settings(v), seed=s, **budget)) for v in variants for s in seeds]
 
 
 def memory_accuracy(ckpt_path):
@@ -126,10 +125,8 @@ def turn_accuracy(ckpt_path):
     {"comment" | "memory: color" | "memory: shape": (accuracy, number of turns)}, and the same per
     word of the comments: {"word: colour" | "word: shape" | "word: direction": (accuracy, number)},
     which says what the comments that are wrong get wrong."""
-    model, ckpt = casa.load_checkpoint(ckpt_path)
-    blind = ckpt.get("train_args", {}).get("blind", False)  # a blind model is scored on blank images
-    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size, blind=blind)
-    _, rights = score(model.eval(), data, batch_size=16, per_token=True)
+    model, data = validation_split(ckpt_path)
+    _, rights = score(model, data, batch_size=16, per_token=True)
     groups = {}
     for (i, t), tokens in rights.items():
         kind = turn_kind(data.samples[i], t)
@@ -202,7 +199,7 @@ def main():
                      mean_spread(data[v]["memory_color"]), mean_spread(data[v]["memory_shape"]),
                      mean_spread(data[v]["accuracy"]), mean_spread(data[v]["shuffled"]),
                      mean_spread(data[v]["val_loss"], 4), f"{sum(data[v]['train_s']) / len(seeds) / 60:.0f}"])
-    counts = turn_accuracy(paths[0])
+    counts = turns[0]  # every model is scored on the same clips
     n_comment, n_color, n_shape = (counts[k][1] for k in ("comment", "memory: color", "memory: shape"))
     header = ["variant", "#KV per layer", f"comment turns ({n_comment})", "their colour words", "shape words",
               "direction words", f"memory: colour ({n_color} clips)",
