@@ -5,8 +5,18 @@ of a dataset, and report validation accuracy along the way. When this probe lear
 that the VLMs do not, the limit is in how the language model learns to use the image, not in
 what the encoder can resolve at this image size.
 
+With --ckpt, the probe asks the same of a trained model: that checkpoint's encoder is frozen and only
+a linear classifier on its tokens (all N of them, concatenated, so where a thing is stays readable)
+is trained. When the probe reads an answer from the frozen tokens that the model itself gets wrong,
+the information reached the fusion and the language model did not learn to read it.
+
     python experiments/vision_probe.py --dataset=charts --question=tallest     # ~1 min on one thread
     python experiments/vision_probe.py --dataset=shapes --question="what shape" --learning_rate=1e-3
+    python experiments/vision_probe.py --ckpt=runs/video/insertion-s1/ckpt.pt --dataset=video \
+        --question="what shape was in the first frame"
+
+Samples with several images (video clips) are probed on their FIRST image, with the answer of the
+turn whose prompt matches (the memory questions of data/video ask about the first frame).
 """
 
 import argparse
@@ -24,13 +34,21 @@ from data.loader import resolve_dataset  # noqa: E402
 
 
 def load_question(folder, split, question, image_size):
-    """Images (M, 3, S, S) and answers of the one-image samples whose prompt contains `question`."""
+    """Images (M, 3, S, S) and answers of the samples with a prompt containing `question`: one-image
+    samples with their image, samples with several images (and turns) with their first image and the
+    first matching turn's answer."""
+    paths, answers = [], []
     with open(os.path.join(folder, f"{split}.jsonl")) as f:
-        rows = [r for r in map(json.loads, f) if question in r.get("prompt", "")]
-    if not rows:
+        for r in map(json.loads, f):
+            turns = r.get("turns", [dict(prompt=r.get("prompt", ""), answer=r.get("answer"))])
+            match = next((t for t in turns if question in t["prompt"]), None)
+            if match is not None:
+                paths.append(r["images"][0] if "images" in r else r["image"])
+                answers.append(match["answer"])
+    if not paths:
         sys.exit(f"no sample of {folder}/{split}.jsonl has a prompt containing {question!r}")
-    images = torch.stack([casa.load_image(os.path.join(folder, r["image"]), image_size) for r in rows])
-    return images, [r["answer"] for r in rows]
+    images = torch.stack([casa.load_image(os.path.join(folder, p), image_size) for p in paths])
+    return images, answers
 
 
 def main():
@@ -44,12 +62,28 @@ def main():
     p.add_argument("--patch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ckpt", default="", help="probe this trained model's frozen encoder (its image size) instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     try:
         folder = resolve_dataset(args.dataset)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    torch.manual_seed(args.seed)
+    if args.ckpt:  # a trained encoder, frozen; the classifier reads all its tokens
+        try:
+            model, _ = casa.load_checkpoint(args.ckpt)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        encoder, config = model.vision.requires_grad_(False).eval(), model.config
+        args.image_size = config.image_size
+        features = lambda images: encoder(images).flatten(1)  # (M, N*C)
+        n_features = config.n_image_tokens * config.n_embd
+    else:  # a fresh encoder, trained with the classifier on its mean-pooled tokens
+        config = casa.Config(image_size=args.image_size, patch_size=args.patch_size)
+        encoder = casa.VLM(config).vision  # the VLM's initialisation
+        features = lambda images: encoder(images).mean(1)  # (M, C)
+        n_features = config.n_embd
     x, answers = load_question(folder, "train", args.question, args.image_size)
     xv, answers_v = load_question(folder, "val", args.question, args.image_size)
     classes = sorted(set(answers))
@@ -57,25 +91,23 @@ def main():
     yv = torch.tensor([classes.index(a) if a in classes else -1 for a in answers_v])
     majority = max((yv == c).float().mean().item() for c in range(len(classes)))
 
-    torch.manual_seed(args.seed)
-    config = casa.Config(image_size=args.image_size, patch_size=args.patch_size)
-    encoder = casa.VLM(config).vision  # the VLM's initialisation
-    head = torch.nn.Linear(config.n_embd, len(classes))
-    params = [*encoder.parameters(), *head.parameters()]
+    head = torch.nn.Linear(n_features, len(classes))
+    params = [p for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.1)
     gen = torch.Generator().manual_seed(args.seed)
     print(f"{args.dataset}, prompts with {args.question!r}: {len(y)} train / {len(yv)} val samples, "
-          f"{len(classes)} answers, majority answer {majority:.3f} of val; lr {args.learning_rate}")
+          f"{len(classes)} answers, majority answer {majority:.3f} of val; lr {args.learning_rate}"
+          + (f"; frozen encoder of {args.ckpt}" if args.ckpt else ""))
     t0 = time.time()
     for step in range(1, args.steps + 1):
         i = torch.randint(0, len(y), (args.batch_size,), generator=gen)
-        loss = F.cross_entropy(head(encoder(x[i]).mean(1)), y[i])
+        loss = F.cross_entropy(head(features(x[i])), y[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % max(1, args.steps // 5) == 0 or step == args.steps:
             with torch.no_grad():
-                acc = (head(encoder(xv).mean(1)).argmax(-1) == yv).float().mean().item()
+                acc = (head(features(xv)).argmax(-1) == yv).float().mean().item()
             print(f"step {step}: train loss {loss.item():.3f}, val accuracy {acc:.3f} ({time.time() - t0:.0f} s)")
 
 

@@ -10,7 +10,7 @@ import torch
 
 import casa
 from conftest import TINY_MODEL, run, write_tiny_dataset
-from experiments import accuracy, attention, efficiency, runs, video
+from experiments import accuracy, attention, efficiency, runs, video, vision_probe
 
 
 def test_run_all_runs_train_py_once_and_reads_its_final_record(tmp_path, capsys):
@@ -112,6 +112,20 @@ def tiny_video_checkpoint(tmp_path):
     config = casa.Config(variant="ca", n_layer=1, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
                          image_size=16, patch_size=8, block_size=512)
     casa.save_checkpoint(tmp_path / "ckpt.pt", casa.VLM(config), dataset_dir=str(tmp_path / "video"))
+
+
+def test_vision_probe_reads_a_clip_question_from_its_first_frame_and_a_frozen_encoder(tmp_path):
+    tiny_video_checkpoint(tmp_path)
+    question = "what shape was in the first frame"
+    images, answers = vision_probe.load_question(str(tmp_path / "video"), "val", question, 16)
+    with open(tmp_path / "video" / "val.jsonl") as f:
+        clips = [c for c in map(json.loads, f) if question in c["turns"][-1]["prompt"]]
+    assert len(clips) > 0 and answers == [c["turns"][-1]["answer"] for c in clips]
+    first = torch.stack([casa.load_image(str(tmp_path / "video" / c["images"][0]), 16) for c in clips])
+    assert torch.equal(images, first)
+    out = run("experiments/vision_probe.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--dataset={tmp_path / 'video'}",
+              "--question=what color was", "--steps=4", "--batch_size=4").stdout
+    assert "frozen encoder of" in out and "step 4: " in out
 
 
 def test_memory_accuracy_scores_the_last_turn_of_each_memory_clip(tmp_path):
