@@ -157,6 +157,20 @@ def test_turn_accuracy_groups_every_turn_of_the_clips(tmp_path):
              for w in turn["answer"].split(" ")]
     for role in ("colour", "shape", "direction"):
         assert got[f"word: {role}"][1] == sum(video.WORD_ROLES.get(w) == role for w in words)
+    # "which of two moved" is the colour word of each "moves" comment with two objects on screen
+    moved = sum(" moves " in c["turns"][t]["answer"] and video.objects_on_screen([u["answer"] for u in c["turns"][:t]]) == 2
+                for c in clips for t in range(len(c["turns"])))
+    assert got.get("which of two moved", (0, 0))[1] == moved
+
+
+def test_objects_on_screen_follows_the_comments():
+    first_two = ["a red circle and a blue square appear"]
+    assert video.objects_on_screen(first_two) == 2
+    assert video.objects_on_screen(["an orange cross appears"]) == 1
+    assert video.objects_on_screen(["a shape appears", "it moves up", "it changes color"]) == 1
+    assert video.objects_on_screen(first_two + ["the red circle moves left", "the blue square disappears"]) == 1
+    assert video.objects_on_screen(["a red circle appears", "nothing changes", "a green cross appears"]) == 2
+    assert video.objects_on_screen(first_two + ["the red circle disappears", "a yellow diamond appears"]) == 2
 
 
 def test_word_rights_finds_each_named_word_by_its_bytes():
