@@ -3,7 +3,7 @@ How fast do the models learn to see? Accuracy against training time and steps, f
 for `ca`, `ca_tv`, `insertion` and the blind baseline (video: `ca`, `ca_all`, `insertion`), all with
 train.py's recipe. Time to accuracy on the CPU is the number a user feels.
 
-    python experiments/learning.py                        # shapes and video (about 1.5 h on 2 cores)
+    python experiments/learning.py                        # shapes and video (about 2 h 20 min on 2 cores)
     python experiments/learning.py --tasks=shapes,text,charts,video   # every task (about 8 h more)
     python experiments/learning.py --tasks=shapes --models=ca,insertion
 

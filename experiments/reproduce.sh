@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every result of the README's "Results at toy scale" (and its training curves), in order, each
-# step timed. About 2 h 45 min on 2 CPU cores: an hour for shapes, tables 1-3 and the streaming
-# benchmark, 1 h 45 min for the four video runs (learning.py trains them, video.py reads them).
+# step timed. About 3 h 20 min on 2 CPU cores: an hour for shapes, tables 1-3 and the streaming
+# benchmark, 2 h 10 min for the four video runs (learning.py trains them, video.py reads them).
 # Runs already finished under runs/ are not run again, so an interrupted reproduction continues
 # where it stopped (delete runs/ to start over).
 #
