@@ -10,7 +10,7 @@ import torch
 
 import casa
 from conftest import TINY_MODEL, run, write_tiny_dataset
-from experiments import accuracy, attention, efficiency, runs, video, vision_probe
+from experiments import accuracy, attention, efficiency, runs, token_scale, video, vision_probe
 
 
 def test_run_all_runs_train_py_once_and_reads_its_final_record(tmp_path, capsys):
@@ -126,6 +126,36 @@ def test_vision_probe_reads_a_clip_question_from_its_first_frame_and_a_frozen_en
     out = run("experiments/vision_probe.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--dataset={tmp_path / 'video'}",
               "--question=what color was", "--steps=4", "--batch_size=4").stdout
     assert "frozen encoder of" in out and "step 4: " in out
+
+
+def test_token_scale_measures_the_encoder_output_and_the_text_embeddings_where_they_enter(tmp_path):
+    """Block 0 receives the encoder's tokens and the token embeddings unchanged: its RMS values equal
+    theirs, computed directly. In ca the image tokens are the same tensor in every block; in insertion
+    they travel in the stream and the blocks change them."""
+    tok = casa.get_tokenizer()
+    rows = [casa.encode_turn(tok, casa.IMAGE + "what is this?")[0], casa.encode_turn(tok, casa.IMAGE + "and that?")[0]]
+    T = max(map(len, rows))
+    idx = torch.tensor([r + r[-1:] * (T - len(r)) for r in rows])  # (2, T), equal lengths: no padding
+    images = torch.rand(2, 3, 16, 16)
+    for variant in ("ca", "insertion"):
+        torch.manual_seed(0)
+        model = casa.VLM(casa.Config(variant=variant, n_layer=3, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2,
+                                     n_vis_embd=32, image_size=16, patch_size=8)).eval()
+        with torch.no_grad():  # the init's text embeddings are tiny: make them larger to tell them apart
+            model.wte.weight.mul_(10)
+        got = token_scale.token_scale(model, idx, images)
+        with torch.no_grad():
+            img_rms = token_scale.rms(model.encode_images(idx, images))
+            text_rms = token_scale.rms(model.wte(idx))
+        assert len(got) == 3
+        assert abs(got[0][0] - img_rms) < 1e-5 and abs(got[0][1] - text_rms) < 1e-5
+        if variant == "ca":
+            assert all(abs(a - img_rms) < 1e-6 for a, _ in got)
+        else:
+            assert abs(got[2][0] - img_rms) > 1e-4
+    tiny_video_checkpoint(tmp_path)  # the command line, on a checkpoint and its validation clips
+    out = run("experiments/token_scale.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--samples=4").stdout
+    assert "trained  block 0: image" in out and "at init  block 0: image" in out
 
 
 def test_memory_accuracy_scores_the_last_turn_of_each_memory_clip(tmp_path):

@@ -1,0 +1,69 @@
+"""
+How loud are the image tokens beside the text? For a trained checkpoint, and for the same model
+at its initialisation, the root-mean-square of the image tokens and of the text tokens that enter
+each block, on a batch of validation samples.
+
+In insertion the image tokens travel in the residual stream with the text: the encoder's output
+norm gives them an RMS of 1 while the text embeddings start near 0.02 (GPT-2's init), so a block's
+update moves them relatively little. In the cross-attention designs they stay outside the stream
+and every CA layer reads them through its own norm, so their scale does not matter there (they
+are the same tensor in every block, except in ca_ffn, whose MLPs update them).
+
+    python experiments/token_scale.py --ckpt=runs/accuracy-10000/charts/insertion-s1/ckpt.pt   # seconds
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import casa  # noqa: E402
+from data.loader import eval_batches  # noqa: E402
+from experiments.runs import validation_split  # noqa: E402
+
+
+def rms(t):
+    return t.float().pow(2).mean().sqrt().item()
+
+
+@torch.no_grad()
+def token_scale(model, idx, images):
+    """[(image RMS, text RMS)] of the tokens entering each block, for one forward pass."""
+    seen = []
+
+    def record(block, args):
+        x, img, layout = args[:3]  # block(x, img, layout, cache); x (B, L, C)
+        text = x[layout.valid & ~layout.is_image]  # padding left out
+        # insertion: image tokens in the stream; the others: img (M, N, C) beside it
+        seen.append((rms(x[layout.is_image] if img is None else img), rms(text)))
+
+    hooks = [block.register_forward_pre_hook(record) for block in model.blocks]
+    try:
+        model(idx, images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--samples", type=int, default=64, help="validation samples in the batch")
+    p.add_argument("--seed", type=int, default=1, help="seed of the freshly initialised model")
+    args = p.parse_args()
+
+    model, data = validation_split(args.ckpt)
+    idx, images, _ = next(iter(eval_batches(data.eval_items()[: args.samples], args.samples)))
+    torch.manual_seed(args.seed)
+    fresh = casa.VLM(model.config).eval()
+    print(f"{args.ckpt} ({model.config.variant}), {idx.size(0)} validation samples: RMS of the tokens entering each block")
+    for name, m in (("trained", model), ("at init", fresh)):
+        cells = [f"block {i}: image {a:.2f}, text {b:.2f} ({a / b:.0f}x)" for i, (a, b) in enumerate(token_scale(m, idx, images))]
+        print(f"  {name:8s} " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
