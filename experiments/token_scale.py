@@ -51,9 +51,12 @@ def token_scale(model, idx, images):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--samples", type=int, default=64, help="validation samples in the batch")
+    p.add_argument("--samples", type=int, default=64,
+                   help="validation samples to draw from (the batch is their first group of equal length)")
     p.add_argument("--seed", type=int, default=1, help="seed of the freshly initialised model")
     args = p.parse_args()
+    if args.samples < 1:
+        p.error(f"--samples must be at least 1, got {args.samples}")
 
     model, data = validation_split(args.ckpt)
     idx, images, _ = next(iter(eval_batches(data.eval_items()[: args.samples], args.samples)))
