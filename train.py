@@ -296,12 +296,12 @@ for name, p in trainable:
 groups = [groups[k] for k in sorted(groups)]
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
                               fused=True if device_type == "cuda" else None)
-step = 0
-if resume:  # where the checkpoint stopped: optimizer, step, RNG
+step, trained_s = 0, 0.0
+if resume:  # where the checkpoint stopped: optimizer, step, RNG, seconds of training so far
     optimizer.load_state_dict(ckpt["optimizer"])
     for g, g0 in zip(optimizer.param_groups, groups):  # the lrs of this run's settings
         g["base_lr"] = g0["base_lr"]
-    step = ckpt["step"]
+    step, trained_s = ckpt["step"], ckpt.get("train_s", 0.0)
     set_rng_state(ckpt["rng"])
     log(f"resumed {ckpt_path} at step {step}")
 ckpt = None  # free memory
@@ -418,15 +418,16 @@ def write_log(record):
             f.write(json.dumps(record) + "\n")
 
 
-def save(step):
-    """Checkpoint (atomic): model, optimizer, step, the RNG states of every process, settings."""
+def save(step, train_s):
+    """Checkpoint (atomic): model, optimizer, step, the RNG states of every process, settings, and
+    the seconds of training so far (a resumed run's train_s goes on from there)."""
     states = [rng_state()]
     if ddp:
         states = [None] * world_size
         dist.all_gather_object(states, rng_state())
         states = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for s in states]
     if master:
-        casa.save_checkpoint(ckpt_path, raw_model, optimizer=optimizer.state_dict(), step=step, rng=states,
+        casa.save_checkpoint(ckpt_path, raw_model, optimizer=optimizer.state_dict(), step=step, rng=states, train_s=train_s,
                              train_args=args, pretrained=sorted(pretrained), dataset_dir=data_dir)
 
 
@@ -478,7 +479,17 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     if step == 0:  # a fresh run starts a fresh log
         open(os.path.join(out_dir, "log.jsonl"), "w").close()
-t_loop, eval_s = time.time(), 0.0  # train_s in the log: seconds of training so far (stage 1 included), evaluations left out
+    else:  # resumed: drop what the interrupted run logged after its checkpoint, or it would be logged twice
+        log_path = os.path.join(out_dir, "log.jsonl")
+        with open(log_path) if os.path.exists(log_path) else nullcontext([]) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        kept = [r for r in records if r.get("stage") == "vision" or r["step"] <= step]
+        with open(log_path + ".tmp", "w") as f:  # then a rename: an interruption here loses nothing
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(log_path + ".tmp", log_path)
+# train_s in the log: seconds of training so far (stage 1 and the time before a resume included),
+# evaluations left out
+t_loop, eval_s = time.time() - trained_s, 0.0
 if vision_pretrain_iters and step == 0 and not init_from and not blind:  # a fresh run (a blind one has no images)
     pretrain_vision(vision_pretrain_iters)
 peak = measure_peak_flops() if master else 0.0
@@ -538,7 +549,7 @@ while step < max_iters:
             m = evaluate(eval_items or None)
             bar.write(f"step {step}: train_loss={m['train_loss']:.4f} {format_metrics(m)}")
             write_log({"step": step, "train_s": round(t_eval - t_loop - eval_s, 2), **m})
-        save(step)
+        save(step, t_eval - t_loop - eval_s)
         t_last = time.time()  # evaluation time is not training time
         eval_s += t_last - t_eval
     if stop_requested:
@@ -546,7 +557,7 @@ while step < max_iters:
 bar.close()
 t_final = time.time()
 
-save(step)
+save(step, t_final - t_loop - eval_s)
 if stop_requested:
     log(f"stopped at step {step}; checkpoint {ckpt_path} written. Continue with: python train.py --resume=True "
         f"--out_dir={out_dir}")

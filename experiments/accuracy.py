@@ -11,8 +11,9 @@ several seeds each. Reports greedy exact-match accuracy and the validation loss 
                                                           # learning curves (14 runs of ~35 min on one thread)
 
 Runs go to runs/accuracy/<task>/<variant>-s<seed>/ (log.jsonl, ckpt.pt, train.txt); a run that
-already finished is not run again, so an interrupted sweep continues where it stopped. The table
-is printed and written to docs/results/accuracy.md.
+already finished is not run again, and one that was interrupted goes on from its last checkpoint, so
+an interrupted sweep continues where it stopped. The table is printed and written to
+docs/results/accuracy.md.
 """
 
 import argparse

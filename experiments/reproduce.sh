@@ -2,8 +2,8 @@
 # Every result of the README's "Results at toy scale" (and its training curves), in order, each
 # step timed. About 3 h 20 min on 2 CPU cores: an hour for shapes, tables 1-3 and the streaming
 # benchmark, 2 h 10 min for the four video runs (learning.py trains them, video.py reads them).
-# Runs already finished under runs/ are not run again, so an interrupted reproduction continues
-# where it stopped (delete runs/ to start over).
+# Runs already finished under runs/ are not run again and an interrupted one goes on from its last
+# checkpoint, so an interrupted reproduction continues where it stopped (delete runs/ to start over).
 #
 #     bash experiments/reproduce.sh 2>&1 | tee reproduce.log
 set -euo pipefail

@@ -1,6 +1,7 @@
 """
 What the experiment scripts share: run train.py as separate processes (a few at once, each on its
-own CPU threads), skip runs that already finished, read their final metrics, and print tables.
+own CPU threads), skip runs that already finished, resume interrupted ones, read their final metrics,
+and print tables.
 
 Every run is an ordinary `python train.py --k=v ...` command; run_all prints each one, so any row
 of any table can be rerun by hand.
@@ -50,8 +51,9 @@ def final_record(out_dir):
 
 def run_all(jobs, parallel=2, threads=1):
     """Run every (out_dir, settings) job that has not finished yet, `parallel` at a time, each with
-    `threads` CPU threads. Returns {out_dir: final record} for all jobs. A failed run stops
-    everything with its log's last lines."""
+    `threads` CPU threads; one that was interrupted goes on from its last checkpoint (train.py
+    --resume=True, its output appended to train.txt). Returns {out_dir: final record} for all jobs.
+    A failed run stops everything with its log's last lines."""
     todo = [(d, s) for d, s in jobs if final_record(d) is None]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run "
           f"({parallel} at a time, {threads} thread(s) each)", flush=True)
@@ -61,9 +63,11 @@ def run_all(jobs, parallel=2, threads=1):
         while todo and len(running) < parallel:
             out_dir, settings = todo.pop(0)
             os.makedirs(os.path.join(ROOT, out_dir), exist_ok=True)
-            cmd = train_command(out_dir, settings)
+            # an interrupted run (a checkpoint, no final line) goes on from its last checkpoint
+            interrupted = os.path.exists(os.path.join(ROOT, out_dir, "ckpt.pt"))
+            cmd = train_command(out_dir, dict(settings, resume=True) if interrupted else settings)
             print("  $ " + " ".join(cmd), flush=True)
-            out = open(os.path.join(ROOT, out_dir, "train.txt"), "w")
+            out = open(os.path.join(ROOT, out_dir, "train.txt"), "a" if interrupted else "w")
             proc = subprocess.Popen([sys.executable, *cmd[1:]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
             running.append((proc, out, out_dir, time.time()))
         time.sleep(0.2)

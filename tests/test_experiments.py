@@ -34,6 +34,33 @@ def test_run_all_runs_train_py_once_and_reads_its_final_record(tmp_path, capsys)
     assert "1 already done, 0 to run" in capsys.readouterr().out
 
 
+def test_run_all_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, capsys):
+    data = write_tiny_dataset(tmp_path / "data")
+    settings = dict(arg[2:].split("=", 1) for arg in TINY_MODEL)
+    settings.update(dataset=str(data), max_iters=6, eval_interval=3, lr_decay_iters=6)
+    straight = str(tmp_path / "straight")
+    runs.run_all([(straight, settings)], parallel=1)
+    # the same run stopped at step 3: a checkpoint there, no final line (as after Ctrl-C or a kill)
+    split = str(tmp_path / "split")
+    run("train.py", *(f"--{k}={v}" for k, v in dict(settings, max_iters=3).items()), f"--out_dir={split}")
+    with open(os.path.join(split, "log.jsonl")) as f:
+        kept = [line for line in f if not json.loads(line).get("final")]
+    with open(os.path.join(split, "log.jsonl"), "w") as f:  # and a line logged after its last checkpoint
+        f.writelines(kept + [json.dumps({"step": 4, "loss": 9.9}) + "\n"])
+    with open(os.path.join(split, "train.txt"), "w") as f:
+        f.write("the first part's output\n")
+    capsys.readouterr()
+    record = runs.run_all([(split, settings)], parallel=1)[split]
+    assert "0 already done, 1 to run" in capsys.readouterr().out
+    assert record["step"] == 6
+    output = open(os.path.join(split, "train.txt")).read()
+    assert output.startswith("the first part's output") and "resumed" in output
+    losses = [[(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(d, "log.jsonl"))) if "loss" in r]
+              for d in (straight, split)]
+    assert [step for step, _ in losses[1]] == list(range(1, 7))  # each step logged once
+    assert losses[0] == losses[1]  # exactly the uninterrupted run
+
+
 def test_run_all_stops_with_the_failing_runs_output(tmp_path):
     try:
         runs.run_all([(str(tmp_path / "bad"), dict(dataset=str(tmp_path / "missing")))], parallel=1)

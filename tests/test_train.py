@@ -65,11 +65,15 @@ def test_resume_is_exact(data, tmp_path):
     common = ["--dropout=0.1", "--lr_decay_iters=8", "--eval_interval=3"]
     train(data, tmp_path / "straight", *common, "--max_iters=8")
     train(data, tmp_path / "split", *common, "--max_iters=4")
+    trained_s = load(tmp_path / "split" / "ckpt.pt")["train_s"]
+    assert trained_s == pytest.approx(read_log(tmp_path / "split")[-1]["train_s"], abs=0.01)  # the final line's train_s
     r = train(data, tmp_path / "split", "--resume=True", "--max_iters=8")
     assert "resumed" in r.stdout
     a = {x["step"]: x["loss"] for x in read_log(tmp_path / "straight") if "loss" in x}
     b = {x["step"]: x["loss"] for x in read_log(tmp_path / "split") if "loss" in x}
     assert list(b) == list(range(1, 9)) and a == b
+    # training time goes on from the checkpoint's, not from zero
+    assert all(x["train_s"] > trained_s for x in read_log(tmp_path / "split") if "train_s" in x and x["step"] > 4)
     assert a[1] != a[8]
     wa, wb = load(tmp_path / "straight" / "ckpt.pt")["model"], load(tmp_path / "split" / "ckpt.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
