@@ -427,8 +427,8 @@ def save(step, train_s):
         dist.all_gather_object(states, rng_state())
         states = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for s in states]
     if master:
-        casa.save_checkpoint(ckpt_path, raw_model, optimizer=optimizer.state_dict(), step=step, rng=states, train_s=train_s,
-                             train_args=args, pretrained=sorted(pretrained), dataset_dir=data_dir)
+        casa.save_checkpoint(ckpt_path, raw_model, optimizer=optimizer.state_dict(), step=step, rng=states,
+                             train_s=train_s, train_args=args, pretrained=sorted(pretrained), dataset_dir=data_dir)
 
 
 def format_metrics(m):
@@ -481,8 +481,10 @@ if master:
         open(os.path.join(out_dir, "log.jsonl"), "w").close()
     else:  # resumed: drop what the interrupted run logged after its checkpoint, or it would be logged twice
         log_path = os.path.join(out_dir, "log.jsonl")
-        with open(log_path) if os.path.exists(log_path) else nullcontext([]) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = []
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
         kept = [r for r in records if r.get("stage") == "vision" or r["step"] <= step]
         with open(log_path + ".tmp", "w") as f:  # then a rename: an interruption here loses nothing
             f.writelines(json.dumps(r) + "\n" for r in kept)
