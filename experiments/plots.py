@@ -108,31 +108,34 @@ def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (on
 
 
 def accuracy_panels(curves, tasks, models, path):
-    """Learning curves: one panel per task, accuracy (y) against training seconds (x), one line per
-    model. curves: {(task, model): [(step, seconds, accuracy, ...)]}."""
+    """Learning curves: one column of panels per task, accuracy (y) against training seconds (top
+    row) and against steps (bottom row: seconds depend on the machine's day, steps do not), one line
+    per model. curves: {(task, model): [(step, seconds, accuracy, ...)]}."""
     W, H, pad = 360, 240, 44
-    im = Image.new("RGB", (len(tasks) * (W + pad) + pad, H + 2 * pad + 20), "white")
+    rows = ((1, "training time (s)", "s"), (0, "steps", ""))  # (index of x in a curve's point, axis name, unit)
+    im = Image.new("RGB", (len(tasks) * (W + pad) + pad, len(rows) * (H + 2 * pad) + 20), "white")
     d = ImageDraw.Draw(im)
-    for p, task in enumerate(tasks):
-        x0, y0 = pad + p * (W + pad), pad
-        t_max = max((c[-1][1] for (t, _), c in curves.items() if t == task), default=1) or 1
-        d.rectangle((x0, y0, x0 + W, y0 + H), outline=(0, 0, 0))
-        for a in (0.0, 0.25, 0.5, 0.75, 1.0):
-            y = y0 + H - a * H
-            d.line((x0, y, x0 + W, y), fill=(225, 225, 225))
-            d.text((x0 - 30, y - 5), f"{a:.2f}", fill=(0, 0, 0))
-        for s in range(0, int(t_max) + 1, max(30, int(t_max) // 4 // 30 * 30)):
-            x = x0 + s / t_max * W
-            d.text((x - 8, y0 + H + 4), f"{s}s", fill=(0, 0, 0))
-        d.text((x0, y0 - 16), f"{task}: accuracy vs training time (s)", fill=(0, 0, 0))
-        for model in models:
-            pts = [(x0 + c[1] / t_max * W, y0 + H - c[2] * H) for c in curves.get((task, model), [])]
-            if len(pts) > 1:
-                d.line([(x0, y0 + H)] + pts, fill=COLORS.get(model, (0, 0, 0)), width=2)
+    for r, (xi, axis, unit) in enumerate(rows):
+        for p, task in enumerate(tasks):
+            x0, y0 = pad + p * (W + pad), pad + r * (H + 2 * pad)
+            x_max = max((c[-1][xi] for (t, _), c in curves.items() if t == task and c), default=1) or 1
+            d.rectangle((x0, y0, x0 + W, y0 + H), outline=(0, 0, 0))
+            for a in (0.0, 0.25, 0.5, 0.75, 1.0):
+                y = y0 + H - a * H
+                d.line((x0, y, x0 + W, y), fill=(225, 225, 225))
+                d.text((x0 - 30, y - 5), f"{a:.2f}", fill=(0, 0, 0))
+            for v in nice_ticks(0, x_max, 4):
+                if v <= x_max:
+                    d.text((x0 + v / x_max * W - 8, y0 + H + 4), f"{v:g}{unit}", fill=(0, 0, 0))
+            d.text((x0, y0 - 16), f"{task}: accuracy vs {axis}", fill=(0, 0, 0))
+            for model in models:
+                pts = [(x0 + c[xi] / x_max * W, y0 + H - c[2] * H) for c in curves.get((task, model), [])]
+                if len(pts) > 1:
+                    d.line([(x0, y0 + H)] + pts, fill=COLORS.get(model, (0, 0, 0)), width=2)
     for i, model in enumerate(models):  # legend
-        x = pad + i * 110
-        d.line((x, H + 2 * pad + 8, x + 20, H + 2 * pad + 8), fill=COLORS.get(model, (0, 0, 0)), width=3)
-        d.text((x + 24, H + 2 * pad + 2), model, fill=(0, 0, 0))
+        x, y = pad + i * 110, len(rows) * (H + 2 * pad) + 8
+        d.line((x, y, x + 20, y), fill=COLORS.get(model, (0, 0, 0)), width=3)
+        d.text((x + 24, y - 6), model, fill=(0, 0, 0))
     im.save(path)
 
 
