@@ -50,9 +50,25 @@ def jobs_for(tasks, models, seeds, budget=BUDGET, root="runs/accuracy"):
 
 
 def curve(out_dir):
-    """[(step, accuracy)] of a run's periodic and final evaluations."""
+    """[(step, accuracy, {question kind: accuracy})] of a run's periodic and final evaluations."""
     with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
-        return [(r["step"], r["accuracy"]) for r in map(json.loads, f) if "accuracy" in r]
+        return [(r["step"], r["accuracy"], r.get("accuracy_by_kind", {})) for r in map(json.loads, f) if "accuracy" in r]
+
+
+def kind_curve_rows(root, tasks, models, seeds):
+    """Rows of each question kind's accuracy at every evaluation: one row per seed and, with several
+    seeds, their mean ± std (a question learned at different steps by different seeds shows here)."""
+    rows = []
+    for task in tasks:
+        for model in models:
+            curves = {s: curve(f"{root}/{task}/{model}-s{s}") for s in seeds}
+            for kind in curves[seeds[0]][-1][2]:
+                per_seed = {s: [by_kind[kind] for _, _, by_kind in c] for s, c in curves.items()}
+                name = kind.split(": ", 1)[-1]
+                rows += [[task, model, s, name] + [f"{a:.3f}" for a in accs] for s, accs in per_seed.items()]
+                if len(seeds) > 1:
+                    rows.append([task, model, "mean", name] + [mean_spread(list(col)) for col in zip(*per_seed.values())])
+    return rows
 
 
 def by_question(ckpt_path):
@@ -117,16 +133,19 @@ def main():
             f"(the image-use check).\n\n" + markdown_table(header, rows)
             + "\n\nBy question kind:\n\n" + markdown_table(["task", "model", "question", "accuracy"], kinds_rows))
     if budget is not BUDGET:  # the learning curves: accuracy at each evaluation, mean over seeds
-        steps = [st for st, _ in curve(f"{root}/{tasks[0]}/{models[0]}-s{seeds[0]}")]
+        steps = [st for st, _, _ in curve(f"{root}/{tasks[0]}/{models[0]}-s{seeds[0]}")]
         curve_rows = []
         for task in tasks:
             for model in models:
-                accs = [[a for _, a in curve(f"{root}/{task}/{model}-s{s}")] for s in seeds]
+                accs = [[a for _, a, _ in curve(f"{root}/{task}/{model}-s{s}")] for s in seeds]
                 curve_rows.append([task, model] + [f"{sum(col) / len(col):.3f}" for col in zip(*accs)])
                 data[model][task]["curve"] = accs
         text += ("\n\nAccuracy along the way (periodic evaluations on the first 400 validation answers, the "
                  f"last one on all){', mean over seeds' if len(seeds) > 1 else ''}:\n\n"
-                 + markdown_table(["task", "model"] + [f"step {st}" for st in steps], curve_rows))
+                 + markdown_table(["task", "model"] + [f"step {st}" for st in steps], curve_rows)
+                 + "\n\nEach question kind along the way:\n\n"
+                 + markdown_table(["task", "model", "seed", "question"] + [f"step {st}" for st in steps],
+                                  kind_curve_rows(root, tasks, models, seeds)))
         # per question, seed 1's final models, against always giving the most common true answer
         q_rows = []
         for task in tasks:

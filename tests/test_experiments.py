@@ -80,6 +80,27 @@ def test_jobs_share_one_budget_and_blind_is_ca_on_blank_images():
         assert {k: s[k] for k in accuracy.BUDGET} == accuracy.BUDGET
 
 
+def test_question_kinds_along_the_way_per_seed_and_mean(tmp_path):
+    """The long-budget table's per-question curves: each seed's logged numbers as they are, then
+    their mean and sample std at every evaluation."""
+    logged = {1: [0.25, 0.75], 2: [0.5, 1.0]}  # seed -> the value question's accuracy at steps 5, 10
+    for seed, accs in logged.items():
+        run = tmp_path / "charts" / f"ca-s{seed}"
+        run.mkdir(parents=True)
+        lines = [{"step": 1, "loss": 3.0}]  # a training line, not an evaluation
+        lines += [{"step": 5 * (i + 1), "accuracy": a, "accuracy_by_kind": {"charts: value": a, "charts: tallest": 1.0}}
+                  for i, a in enumerate(accs)]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = accuracy.kind_curve_rows(str(tmp_path), ["charts"], ["ca"], [1, 2])
+    value = [r for r in rows if r[3] == "value"]
+    assert value[0] == ["charts", "ca", 1, "value", "0.250", "0.750"]
+    assert value[1] == ["charts", "ca", 2, "value", "0.500", "1.000"]
+    at_10 = [0.75, 1.0]
+    assert value[2][:4] == ["charts", "ca", "mean", "value"]
+    assert value[2][5] == f"{statistics.mean(at_10):.3f} ± {statistics.stdev(at_10):.3f}"
+    assert len(rows) == 6  # two kinds x (two seeds + their mean)
+
+
 def test_learning_curves_reuse_the_table_runs():
     """learning.py draws text, charts and video from the Table 2 / Table 4 runs: the same folders and
     the same train.py settings, so no run is trained twice."""
