@@ -120,20 +120,28 @@ def parse_args(script_file, about, n_train, n_val, argv=None):
 def write_dataset(name, make_sample, out, n_train, n_val, seed):
     """make_sample(rng, stem) -> (record, [(relative_path, PIL image), ...]).
     `stem` (e.g. "train_00042") is unique per sample, for naming its images.
-    Returns the number of images written."""
+    Returns the number of images written.
+
+    Every file appears whole (written under a temporary name, then renamed), and train.jsonl
+    appears last: train.py takes a folder with a train.jsonl as ready, so a run started while
+    another one prepares the same dataset never reads a half-written file."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    tmp = f".{os.getpid()}.tmp"  # per process: two preparers never write the same temporary file
     n_images = 0
-    for split, n in (("train", n_train), ("val", n_val)):
+    for split, n in (("val", n_val), ("train", n_train)):
         # one RNG stream per split; a string seed is hashed with sha512 by
         # random.Random, so it is stable across runs and PYTHONHASHSEED
         rng = random.Random(f"{name}/{split}/{seed}")
-        with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8", newline="\n") as f:
+        path = os.path.join(out, f"{split}.jsonl")
+        with open(path + tmp, "w", encoding="utf-8", newline="\n") as f:
             for i in range(n):
                 record, images = make_sample(rng, f"{split}_{i:05d}")
-                for path, img in images:
-                    img.save(os.path.join(out, path), format="PNG")
+                for image_path, img in images:
+                    img.save(os.path.join(out, image_path) + tmp, format="PNG")
+                    os.replace(os.path.join(out, image_path) + tmp, os.path.join(out, image_path))
                 f.write(json.dumps(record) + "\n")
                 n_images += len(images)
+        os.replace(path + tmp, path)
     return n_images
 
 

@@ -19,7 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import casa  # noqa: E402
-from data.loader import Dataset, answer, eval_batches  # noqa: E402
+from data.loader import Dataset, answer, eval_batches, resolve_dataset  # noqa: E402
 
 
 # per task, the train.py settings that differ from its defaults, the same for every model of a table:
@@ -57,6 +57,10 @@ def run_all(jobs, parallel=2, threads=1):
     todo = [(d, s) for d, s in jobs if final_record(d) is None]
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run "
           f"({parallel} at a time, {threads} thread(s) each)", flush=True)
+    # a built-in dataset missing on a fresh clone is prepared here, once, before runs start in parallel
+    names = [s.get("dataset", "shapes") for _, s in todo]  # train.py's default dataset is shapes
+    for name in dict.fromkeys(n for n in names if "/" not in n):  # built-in names, each once
+        resolve_dataset(name)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     running, done, t_start = [], 0, time.time()
     while todo or running:

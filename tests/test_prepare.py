@@ -195,3 +195,31 @@ def test_video_answers_match_frames(generated):
             assert all(p == MARKER for p in prompts[1:-1])
             words = set(" ".join(answers[:-1]).split())
             assert not words & (set(COLORS) | set(SHAPES)), rec
+
+
+def test_train_jsonl_appears_last_and_whole(tmp_path):
+    # train.py takes a folder holding train.jsonl as ready: while samples are still being made,
+    # that file must not exist yet, and no temporary file may be left behind at the end
+    from data.common import write_dataset
+    seen = []
+
+    def make_sample(rng, stem):
+        seen.append((stem, (tmp_path / "train.jsonl").exists()))
+        img = Image.new("RGB", (4, 4), (rng.randrange(256), 0, 0))
+        return {"image": f"images/{stem}.png", "prompt": "q", "answer": "a"}, [(f"images/{stem}.png", img)]
+
+    assert write_dataset("toy", make_sample, str(tmp_path), n_train=5, n_val=3, seed=1) == 8
+    assert len(seen) == 8 and not any(exists for _, exists in seen)
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 5
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_two_preparers_at_once_write_what_one_writes(generated, tmp_path):
+    # two runs started together on a fresh clone may both prepare the same dataset into one folder
+    n_train, n_val = SMALL["shapes"]
+    procs = [subprocess.Popen([sys.executable, str(script("shapes")), "--out", str(tmp_path), "--n_train",
+                               str(n_train), "--n_val", str(n_val), "--seed", "1"], stderr=subprocess.PIPE)
+             for _ in range(2)]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read().decode()
+    assert snapshot(tmp_path) == snapshot(generated("shapes")["a"])
