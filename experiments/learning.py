@@ -4,17 +4,20 @@ for `ca`, `ca_tv`, `insertion` and the blind baseline (video: `ca`, `ca_all`, `i
 train.py's recipe. Time to accuracy on the CPU is the number a user feels.
 
     python experiments/learning.py                        # shapes and video (about 2 h 20 min on 2 cores)
-    python experiments/learning.py --tasks=text,charts    # the fine-grained tasks (8 runs of about an hour on one thread)
+    python experiments/learning.py --tasks=text,charts    # the fine-grained tasks, seeds 2 and 3 (12 runs of about an hour on one thread)
     python experiments/learning.py --tasks=shapes --models=ca,insertion
 
 Every run is an ordinary train.py command (printed). Shapes runs are this script's own (1000 steps,
 evaluated every 100 on 400 validation answers, runs/learning/shapes/<model>/); the other tasks' curves
 are those of the Table 2 and Table 4 runs, the same commands (text and charts: experiments/accuracy.py
---max_iters=10000, seed 1, evaluated every 1000 steps; video: experiments/video.py), run here if they
-have not been yet. The table goes to docs/results/learning.md, the picture to docs/learning.png
-(--tasks=text,charts: learning_fine.md and docs/learning_fine.png; a custom run writes under
-runs/results/ and runs/learning.png instead). The picture draws accuracy against training seconds and
-against steps: runs made on different days may differ in seconds per step, never in steps.
+--max_iters=10000, evaluated every 1000 steps; video: experiments/video.py), run here if they have not
+been yet. The table goes to docs/results/learning.md, the picture to docs/learning.png (--tasks=text,charts:
+learning_fine.md and docs/learning_fine.png; a custom run writes under runs/results/ and
+runs/learning.png instead). The picture draws accuracy against training seconds and against steps:
+runs made on different days may differ in seconds per step, never in steps. With several seeds each
+seed is a line of its model's colour: on text and charts one design's seeds differ more than the
+designs do, so the fine-grained pair is drawn at two seeds, without the blind model (flat at the
+answer prior, docs/results.md).
 """
 
 import argparse
@@ -28,6 +31,9 @@ from experiments import accuracy, video  # noqa: E402
 from experiments.runs import ROOT, TASK_SETTINGS, markdown_table, model_settings, run_all, write_result  # noqa: E402
 
 FINE_ITERS = 10000  # text and charts: the budget of Table 2's fine-grained columns
+# the published pictures: each pair of tasks drawn by default -> (file name, models, seeds)
+PUBLISHED = {"shapes,video": ("learning", "ca,ca_tv,insertion,blind", "1"),
+             "text,charts": ("learning_fine", "ca,ca_tv,insertion", "2,3")}
 
 
 def curve(out_dir):
@@ -37,27 +43,29 @@ def curve(out_dir):
                 for r in map(json.loads, f) if "accuracy" in r]
 
 
-def learning_jobs(tasks, models, video_models, seed, max_iters, every):
-    """(jobs, where): the train.py runs behind every curve, and {(task, model): run folder}. Shapes
-    runs are this script's own; text, charts and video reuse the Table 2 and Table 4 runs (the same
-    folders and settings as experiments/accuracy.py --max_iters=FINE_ITERS and experiments/video.py)."""
-    jobs, where = [], {}  # where: (task, model) -> its run's folder
+def learning_jobs(tasks, models, video_models, seeds, max_iters, every):
+    """(jobs, where): the train.py runs behind every curve, and {(task, model, seed): run folder}.
+    Shapes runs are this script's own; text, charts and video reuse the Table 2 and Table 4 runs (the
+    same folders and settings as experiments/accuracy.py --max_iters=FINE_ITERS and experiments/video.py)."""
+    jobs, where = [], {}  # where: (task, model, seed) -> its run's folder
     for task in tasks:
-        if task == "video":
-            for (out_dir, settings), model in zip(video.jobs_for(video_models, [seed]), video_models):
-                where[task, model] = out_dir
-                jobs.append((out_dir, settings))
-        elif task == "shapes":
-            for model in models:
-                settings = dict(dataset=task, **TASK_SETTINGS[task], **model_settings(model), seed=seed,
-                                max_iters=max_iters, eval_interval=every, num_show=0)
-                where[task, model] = f"runs/learning/{task}/{model}"
-                jobs.append((where[task, model], settings))
-        else:  # the Table 2 runs of the fine-grained tasks
-            budget, root = accuracy.long_budget(FINE_ITERS)
-            for (out_dir, settings), model in zip(accuracy.jobs_for([task], models, [seed], budget, root), models):
-                where[task, model] = out_dir
-                jobs.append((out_dir, settings))
+        for seed in seeds:
+            if task == "video":
+                for (out_dir, settings), model in zip(video.jobs_for(video_models, [seed]), video_models):
+                    where[task, model, seed] = out_dir
+                    jobs.append((out_dir, settings))
+            elif task == "shapes":
+                for model in models:
+                    settings = dict(dataset=task, **TASK_SETTINGS[task], **model_settings(model), seed=seed,
+                                    max_iters=max_iters, eval_interval=every, num_show=0)
+                    # seed 1's folder keeps its old name, so that earlier runs are found
+                    where[task, model, seed] = f"runs/learning/{task}/{model}" + (f"-s{seed}" if seed != 1 else "")
+                    jobs.append((where[task, model, seed], settings))
+            else:  # the Table 2 runs of the fine-grained tasks
+                budget, root = accuracy.long_budget(FINE_ITERS)
+                for (out_dir, settings), model in zip(accuracy.jobs_for([task], models, [seed], budget, root), models):
+                    where[task, model, seed] = out_dir
+                    jobs.append((out_dir, settings))
     return jobs, where
 
 
@@ -65,41 +73,44 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # text and charts need 10,000-step runs of every model (about an hour each on one thread): asked for by name
     parser.add_argument("--tasks", default="shapes,video")
-    parser.add_argument("--models", default="ca,ca_tv,insertion,blind", help="for shapes, text and charts")
+    parser.add_argument("--models", default="", help="for shapes, text and charts (default: the pair's in PUBLISHED)")
     parser.add_argument("--video_models", default=",".join(video.VARIANTS))
     parser.add_argument("--max_iters", type=int, default=1000)
     parser.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", default="", help="e.g. 1,2 (default: the pair's in PUBLISHED, else 1)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    tasks, models = args.tasks.split(","), args.models.split(",")
+    name, default_models, default_seeds = PUBLISHED.get(args.tasks, ("learning", PUBLISHED["shapes,video"][1], "1"))
+    # published: a pair of PUBLISHED with its own models and seeds, and every other setting at its default
+    published = args.tasks in PUBLISHED and args.models in ("", default_models) and args.seeds in ("", default_seeds) \
+        and all(getattr(args, k) == parser.get_default(k) for k in ("video_models", "max_iters", "every"))
+    tasks, models = args.tasks.split(","), (args.models or default_models).split(",")
+    seeds = [int(s) for s in (args.seeds or default_seeds).split(",")]
     unknown = [t for t in tasks if t not in TASK_SETTINGS]
     if unknown:
         sys.exit(f"error: unknown task {unknown[0]!r}; choose from {', '.join(TASK_SETTINGS)}")
-    jobs, where = learning_jobs(tasks, models, args.video_models.split(","), args.seed, args.max_iters, args.every)
+    jobs, where = learning_jobs(tasks, models, args.video_models.split(","), seeds, args.max_iters, args.every)
     run_all(jobs, args.jobs, args.threads)
 
-    curves = {key: curve(out_dir) for key, out_dir in where.items()}
-    models = list(dict.fromkeys(m for _, m in where))  # every model drawn, in order
+    curves = {key: curve(out_dir) for key, out_dir in where.items()}  # (task, model, seed) -> points
+    models = list(dict.fromkeys(m for _, m, _ in where))  # every model drawn, in order
     rows = []
-    for (task, model), c in curves.items():
+    for (task, model, seed), c in curves.items():
         for step, t, acc, shuffled, by_kind in c:
-            rows.append([task, model, step, f"{t:.0f}", f"{acc:.3f}", f"{shuffled:.3f}",
+            rows.append([task, model, seed, step, f"{t:.0f}", f"{acc:.3f}", f"{shuffled:.3f}",
                          ", ".join(f"{k.split(': ', 1)[-1]} {a:.2f}" for k, a in by_kind.items())])
-    # published: the default tasks, or the fine-grained pair, with every other setting at its default
-    name = {"shapes,video": "learning", "text,charts": "learning_fine"}.get(args.tasks)
-    published = name is not None and all(getattr(args, k) == parser.get_default(k)
-                                         for k in ("models", "video_models", "max_iters", "every", "seed"))
-    name = name or "learning"
     text = (f"Accuracy along training (exact match on the first 400 validation answers; the last row of "
-            f"each run on all of them), seed {args.seed}, {args.threads} thread(s) per run, {args.jobs} runs "
+            f"each run on all of them), {args.threads} thread(s) per run, {args.jobs} runs "
             "at once; time is training seconds, evaluations left out; 'shuffled' is the accuracy with "
             "every image swapped for another of its batch.\n\n"
-            + markdown_table(["task", "model", "step", "seconds", "accuracy", "shuffled", "by question"], rows))
-    write_result(name, text, {f"{t}/{m}": c for (t, m), c in curves.items()}, published=published)
+            + markdown_table(["task", "model", "seed", "step", "seconds", "accuracy", "shuffled", "by question"], rows))
+    write_result(name, text, {f"{t}/{m}/s{s}": c for (t, m, s), c in curves.items()}, published=published)
     png = os.path.join(ROOT, f"docs/{name}.png" if published else f"runs/{name}.png")
-    plots.accuracy_panels(curves, tasks, models, png)
+    lines = {}  # (task, model) -> one curve per seed
+    for (task, model, seed), c in curves.items():
+        lines.setdefault((task, model), []).append(c)
+    plots.accuracy_panels(lines, tasks, models, png)
     print(f"picture: {os.path.relpath(png, ROOT)}")
 
 

@@ -110,7 +110,8 @@ def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (on
 def accuracy_panels(curves, tasks, models, path):
     """Learning curves: one column of panels per task, accuracy (y) against training seconds (top
     row) and against steps (bottom row: seconds depend on the machine's day, steps do not), one line
-    per model. curves: {(task, model): [(step, seconds, accuracy, ...)]}."""
+    per run in its model's colour. curves: {(task, model): [run's [(step, seconds, accuracy, ...)], ...]},
+    one run per seed."""
     W, H, pad = 360, 240, 44
     rows = ((1, "training time (s)", "s"), (0, "steps", ""))  # (index of x in a curve's point, axis name, unit)
     im = Image.new("RGB", (len(tasks) * (W + pad) + pad, len(rows) * (H + 2 * pad) + 20), "white")
@@ -118,7 +119,7 @@ def accuracy_panels(curves, tasks, models, path):
     for r, (xi, axis, unit) in enumerate(rows):
         for p, task in enumerate(tasks):
             x0, y0 = pad + p * (W + pad), pad + r * (H + 2 * pad)
-            x_max = max((c[-1][xi] for (t, _), c in curves.items() if t == task and c), default=1) or 1
+            x_max = max((c[-1][xi] for (t, _), runs in curves.items() if t == task for c in runs if c), default=1) or 1
             d.rectangle((x0, y0, x0 + W, y0 + H), outline=(0, 0, 0))
             for a in (0.0, 0.25, 0.5, 0.75, 1.0):
                 y = y0 + H - a * H
@@ -129,13 +130,16 @@ def accuracy_panels(curves, tasks, models, path):
                     d.text((x0 + v / x_max * W - 8, y0 + H + 4), f"{v:g}{unit}", fill=(0, 0, 0))
             d.text((x0, y0 - 16), f"{task}: accuracy vs {axis}", fill=(0, 0, 0))
             for model in models:
-                pts = [(x0 + c[xi] / x_max * W, y0 + H - c[2] * H) for c in curves.get((task, model), [])]
-                if len(pts) > 1:
-                    d.line([(x0, y0 + H)] + pts, fill=COLORS.get(model, (0, 0, 0)), width=2)
+                for run in curves.get((task, model), []):
+                    pts = [(x0 + c[xi] / x_max * W, y0 + H - c[2] * H) for c in run]
+                    if len(pts) > 1:
+                        d.line([(x0, y0 + H)] + pts, fill=COLORS.get(model, (0, 0, 0)), width=2)
     for i, model in enumerate(models):  # legend
         x, y = pad + i * 110, len(rows) * (H + 2 * pad) + 8
         d.line((x, y, x + 20, y), fill=COLORS.get(model, (0, 0, 0)), width=3)
         d.text((x + 24, y - 6), model, fill=(0, 0, 0))
+    if any(len(runs) > 1 for runs in curves.values()):
+        d.text((pad + len(models) * 110, len(rows) * (H + 2 * pad) + 2), "(one line per seed)", fill=(0, 0, 0))
     im.save(path)
 
 

@@ -103,18 +103,23 @@ def test_question_kinds_along_the_way_per_seed_and_mean(tmp_path):
 
 def test_learning_curves_reuse_the_table_runs():
     """learning.py draws text, charts and video from the Table 2 / Table 4 runs: the same folders and
-    the same train.py settings, so no run is trained twice."""
+    the same train.py settings, so no run is trained twice; with several seeds, each seed's run."""
     from experiments import learning, video
 
-    jobs, where = learning.learning_jobs(["shapes", "text", "video"], ["ca", "blind"], ["ca", "insertion"], 1, 1000, 100)
+    jobs, where = learning.learning_jobs(["shapes", "text", "video"], ["ca", "blind"], ["ca", "insertion"], [1], 1000, 100)
     budget, root = accuracy.long_budget(learning.FINE_ITERS)
     table2 = dict(accuracy.jobs_for(["text"], ["ca", "blind"], [1], budget, root))
-    assert {where["text", m] for m in ("ca", "blind")} == set(table2)
+    assert {where["text", m, 1] for m in ("ca", "blind")} == set(table2)
     assert all(dict(jobs)[d] == s for d, s in table2.items())
     table4 = dict(video.jobs_for(["ca", "insertion"], [1]))
-    assert {where["video", m] for m in ("ca", "insertion")} == set(table4) and all(dict(jobs)[d] == s for d, s in table4.items())
-    assert where["video", "ca"] == "runs/video/ca-s1" and table4["runs/video/ca-s1"]["variant"] == "ca"
-    assert dict(jobs)[where["shapes", "blind"]]["blind"] is True and len(jobs) == 6
+    assert {where["video", m, 1] for m in ("ca", "insertion")} == set(table4) and all(dict(jobs)[d] == s for d, s in table4.items())
+    assert where["video", "ca", 1] == "runs/video/ca-s1" and table4["runs/video/ca-s1"]["variant"] == "ca"
+    assert dict(jobs)[where["shapes", "blind", 1]]["blind"] is True and len(jobs) == 6
+
+    jobs, where = learning.learning_jobs(["charts", "shapes"], ["ca_tv"], [], [2, 3], 1000, 100)
+    table2 = dict(accuracy.jobs_for(["charts"], ["ca_tv"], [2, 3], budget, root))
+    assert [where["charts", "ca_tv", s] for s in (2, 3)] == list(table2)
+    assert [dict(jobs)[where["shapes", "ca_tv", s]]["seed"] for s in (2, 3)] == [2, 3] and len(set(dict(jobs))) == 4
 
 
 def test_mean_spread_is_mean_and_sample_std():
