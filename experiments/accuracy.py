@@ -25,7 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import casa  # noqa: E402
 from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,  # noqa: E402
-                             predictions, run_all, write_result)
+                             parse_seeds, predictions, run_all, write_result)
 
 # one budget for every run (train.py's recipe otherwise): ~4 min each on one CPU thread
 BUDGET = dict(max_iters=1000, batch_size=32, eval_interval=1000, num_show=0)
@@ -96,7 +96,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     tasks, models = args.tasks.split(","), args.models.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     budget, root, name = BUDGET, "runs/accuracy", "accuracy"
     if args.max_iters != BUDGET["max_iters"]:
         (budget, root), name = long_budget(args.max_iters), f"accuracy_{args.max_iters}"

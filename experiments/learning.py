@@ -28,7 +28,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import plots  # noqa: E402
 from experiments import accuracy, video  # noqa: E402
-from experiments.runs import ROOT, TASK_SETTINGS, markdown_table, model_settings, run_all, write_result  # noqa: E402
+from experiments.runs import ROOT, TASK_SETTINGS, markdown_table, model_settings, parse_seeds, run_all, write_result  # noqa: E402
 
 FINE_ITERS = 10000  # text and charts: the budget of Table 2's fine-grained columns
 # the published pictures: each pair of tasks drawn by default -> (file name, models, seeds)
@@ -86,7 +86,7 @@ def main():
     published = args.tasks in PUBLISHED and args.models in ("", default_models) and args.seeds in ("", default_seeds) \
         and all(getattr(args, k) == parser.get_default(k) for k in ("video_models", "max_iters", "every"))
     tasks, models = args.tasks.split(","), (args.models or default_models).split(",")
-    seeds = [int(s) for s in (args.seeds or default_seeds).split(",")]
+    seeds = parse_seeds(args.seeds or default_seeds)
     unknown = [t for t in tasks if t not in TASK_SETTINGS]
     if unknown:
         sys.exit(f"error: unknown task {unknown[0]!r}; choose from {', '.join(TASK_SETTINGS)}")

@@ -95,6 +95,14 @@ def run_all(jobs, parallel=2, threads=1):
     return {d: final_record(d) for d, _ in jobs}
 
 
+def parse_seeds(text):
+    """'1,2,3' -> [1, 2, 3]; anything else ends the script with one line that says what to give."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        sys.exit(f"error: --seeds={text!r} is not a comma-separated list of whole numbers; give e.g. --seeds=1,2,3")
+
+
 def model_settings(model):
     """The train.py settings that make a table's model: a variant, or 'blind' (ca with blank images)."""
     return dict(variant="ca", blind=True) if model == "blind" else dict(variant=model)

@@ -42,7 +42,7 @@ import casa  # noqa: E402
 from data.common import COLORS, SHAPES  # noqa: E402
 from data.loader import Dataset, score  # noqa: E402
 from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,  # noqa: E402
-                             predictions, run_all, validation_split, write_result)
+                             parse_seeds, predictions, run_all, validation_split, write_result)
 
 # one budget for every variant: experiments/runs.py's video settings (64 px, 16 tokens a frame, 8 clips a
 # batch, 800 steps of vision pretraining), 6000 steps, evaluated every 750. At 4000 steps insertion and
@@ -194,7 +194,7 @@ def main():
     args = parser.parse_args()
     if args.bounded:
         return bounded(args)
-    variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
+    variants, seeds = args.variants.split(","), parse_seeds(args.seeds)
     budget, root, name = BUDGET, "runs/video", "video"
     if args.max_iters != BUDGET["max_iters"]:
         budget = dict(BUDGET, max_iters=args.max_iters, eval_interval=max(1, args.max_iters // 8))

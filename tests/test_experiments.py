@@ -6,6 +6,7 @@ import json
 import os
 import statistics
 
+import pytest
 import torch
 
 import casa
@@ -317,3 +318,9 @@ def test_streamed_answers_equal_one_full_forward_unless_the_cache_is_bounded(tmp
     got, most = video.streamed_answers(model, data, sink_tokens=2, recent_tokens=4)
     assert most <= 2 + 4 + max(end - start for s in data.samples for start, _, end in s.turns_at)
     assert got != want
+
+
+def test_seeds_are_parsed_or_refused_in_one_line():
+    assert runs.parse_seeds("1,2,3") == [1, 2, 3] and runs.parse_seeds("7") == [7]
+    with pytest.raises(SystemExit, match="--seeds='1,x'.*e.g. --seeds=1,2,3"):
+        runs.parse_seeds("1,x")
