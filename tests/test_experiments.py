@@ -14,33 +14,23 @@ from conftest import TINY_MODEL, run, write_tiny_dataset
 from experiments import accuracy, attention, efficiency, runs, token_scale, video, vision_probe
 
 
-def test_run_all_runs_train_py_once_and_reads_its_final_record(tmp_path, capsys):
-    data = write_tiny_dataset(tmp_path / "data")
-    settings = dict(arg[2:].split("=", 1) for arg in TINY_MODEL)
-    settings.update(dataset=str(data), max_iters=3, eval_interval=3)
-    out_dir = str(tmp_path / "run")
-    results = runs.run_all([(out_dir, settings)], parallel=1)
-    record = results[out_dir]
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        finals = [r for r in map(json.loads, f) if r.get("final")]
-    assert record == finals[-1] and record["step"] == 3 and "wall_s" in record
-    assert "final:" in open(os.path.join(out_dir, "train.txt")).read()
-    printed = capsys.readouterr().out
-    assert "$ python train.py --n_layer=2" in printed  # the command, as a user would type it
-
-    before = os.path.getmtime(os.path.join(out_dir, "log.jsonl"))
-    again = runs.run_all([(out_dir, settings)], parallel=1)  # finished: not run again
-    assert again[out_dir] == record
-    assert os.path.getmtime(os.path.join(out_dir, "log.jsonl")) == before
-    assert "1 already done, 0 to run" in capsys.readouterr().out
-
-
-def test_run_all_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, capsys):
+def test_run_all_runs_once_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, capsys):
     data = write_tiny_dataset(tmp_path / "data")
     settings = dict(arg[2:].split("=", 1) for arg in TINY_MODEL)
     settings.update(dataset=str(data), max_iters=6, eval_interval=3, lr_decay_iters=6)
     straight = str(tmp_path / "straight")
-    runs.run_all([(straight, settings)], parallel=1)
+    record = runs.run_all([(straight, settings)], parallel=1)[straight]
+    with open(os.path.join(straight, "log.jsonl")) as f:
+        finals = [r for r in map(json.loads, f) if r.get("final")]
+    assert record == finals[-1] and record["step"] == 6 and "wall_s" in record
+    assert "final:" in open(os.path.join(straight, "train.txt")).read()
+    assert "$ python train.py --n_layer=2" in capsys.readouterr().out  # the command, as a user would type it
+    # finished: not run again
+    before = os.path.getmtime(os.path.join(straight, "log.jsonl"))
+    assert runs.run_all([(straight, settings)], parallel=1)[straight] == record
+    assert os.path.getmtime(os.path.join(straight, "log.jsonl")) == before
+    assert "1 already done, 0 to run" in capsys.readouterr().out
+
     # the same run stopped at step 3: a checkpoint there, no final line (as after Ctrl-C or a kill)
     split = str(tmp_path / "split")
     run("train.py", *(f"--{k}={v}" for k, v in dict(settings, max_iters=3).items()), f"--out_dir={split}")

@@ -635,6 +635,24 @@ def test_param_counts_and_layer_layout():
     assert counts["ca_replace"]["fusion"] == (L // 2) * attn_layer
 
 
+@pytest.mark.parametrize("variant", ["ca", "ca_replace", "ca_shared"])
+def test_adaptation_copies_insertion_weights_and_starts_ca_from_sa(variant):
+    """Table 3's start (train.py --init_from): every tensor both models have is copied from the
+    insertion model; a layer's new CA projections start as that layer's SA ones in the source."""
+    src = make_model("insertion", seed=0).state_dict()
+    model = make_model(variant, seed=1)  # other random weights, so a copy is visible
+    copied = model.copy_weights_from(src)
+    own = model.state_dict()
+    names = {n for n, _ in model.named_parameters()}
+    assert copied == {n for n in names if n in src}
+    for n in copied:
+        assert torch.equal(own[n], src[n]), n
+    ca = [n for n in own if ".ca." in n]
+    assert bool(ca) == (variant != "ca_shared")  # D1 reuses the SA projections: nothing new
+    for n in ca:
+        assert n not in src and torch.equal(own[n], src[n.replace(".ca.", ".sa.")]), n
+
+
 # -----------------------------------------------------------------------------
 # 6. Gradients reach the vision encoder and the fusion layers
 
