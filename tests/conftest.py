@@ -43,23 +43,6 @@ def write_tiny_dataset(folder, n_train=18, n_val=6):
     return folder
 
 
-PURE_COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
-
-
-def write_color_dataset(folder, n_train, n_val):
-    """One-image samples in the shorthand form, no task: "color?" -> one of PURE_COLORS, in turn.
-    Image files are named <split><i>.png."""
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("val", n_val)):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                c = list(PURE_COLORS)[i % len(PURE_COLORS)]
-                Image.new("RGB", (20, 20), PURE_COLORS[c]).save(folder / "images" / f"{split}{i}.png")
-                f.write(json.dumps({"image": f"images/{split}{i}.png", "prompt": "color?", "answer": c}) + "\n")
-    return folder
-
-
 def run(script, *args, check=True, timeout=300, module=False):
     """Run `python script args...` (or `python -m script`) in the repo root, one thread per process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
