@@ -179,8 +179,6 @@ def test_casa_trains_and_evaluates(data, tmp_path):
 def test_blind_baseline_runs_and_is_marked(data, tmp_path):
     r = train(data, tmp_path, "--blind=True", "--max_iters=3", "--eval_interval=100")
     assert "BLIND" in r.stdout
-    final = [x for x in read_log(tmp_path) if x.get("final")][-1]
-    assert final["n_answers"] == 8
-    # every image is the same blank one, so swapping images across the batch changes no answer
-    assert final["shuffled_accuracy"] == final["accuracy"]
+    # that the images are blank is test_loader's (a 3-step model answers alike with or without them)
+    assert [x for x in read_log(tmp_path) if x.get("final")][-1]["n_answers"] == 8
     assert load(tmp_path / "ckpt.pt")["train_args"]["blind"] is True
