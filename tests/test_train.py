@@ -1,6 +1,6 @@
 """train.py end to end, as subprocesses on a tiny model and a tiny dataset in a temp folder: settings
 checks, a run with its log and final line, exact resume, refused resumes, vision pretraining,
-adaptation with frozen groups, two processes under torchrun (gloo on CPU), the other variants and
+adaptation with frozen groups, two processes under torchrun (gloo on CPU), CASA (ca_tv) and
 the blind baseline. Each train.py process costs seconds (importing torch), so one run serves
 several checks where it can: the suite's time is mostly these processes."""
 
