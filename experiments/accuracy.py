@@ -9,6 +9,10 @@ several seeds each. Reports greedy exact-match accuracy and the validation loss 
     python experiments/accuracy.py --tasks=text,charts --seeds=1 --max_iters=5000
                                                           # the fine-grained columns: a longer budget, with
                                                           # learning curves (14 runs of ~35 min on one thread)
+    python experiments/accuracy.py --tasks=text --max_iters=10000 --patch_size=8
+                                                          # every model with 8 px patches instead of the
+                                                          # task's own (64 tokens of a 64 px image; runs go
+                                                          # to runs/accuracy-10000-p8)
 
 Runs go to runs/accuracy/<task>/<variant>-s<seed>/ (log.jsonl, ckpt.pt, train.txt); a run that
 already finished is not run again, and one that was interrupted goes on from its last checkpoint, so
@@ -38,13 +42,15 @@ def long_budget(max_iters):
     return dict(BUDGET, max_iters=max_iters, eval_interval=max(1, max_iters // 10)), f"runs/accuracy-{max_iters}"
 
 
-def jobs_for(tasks, models, seeds, budget=BUDGET, root="runs/accuracy"):
-    """(out_dir, train.py settings) for every task x model x seed; model 'blind' is ca with blank images."""
+def jobs_for(tasks, models, seeds, budget=BUDGET, root="runs/accuracy", patch_size=None):
+    """(out_dir, train.py settings) for every task x model x seed; model 'blind' is ca with blank images.
+    patch_size, if given, replaces every task's own (TASK_SETTINGS) for every model alike."""
     jobs = []
     for task in tasks:
+        image = dict(TASK_SETTINGS.get(task, {}), **({"patch_size": patch_size} if patch_size else {}))
         for model in models:
             for seed in seeds:
-                settings = dict(dataset=task, **TASK_SETTINGS.get(task, {}), **model_settings(model), seed=seed, **budget)
+                settings = dict(dataset=task, **image, **model_settings(model), seed=seed, **budget)
                 jobs.append((f"{root}/{task}/{model}-s{seed}", settings))
     return jobs
 
@@ -92,6 +98,8 @@ def main():
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--max_iters", type=int, default=BUDGET["max_iters"],
                         help="another budget: runs go to runs/accuracy-N, evaluated every N/10 steps along the way")
+    parser.add_argument("--patch_size", type=int, default=0,
+                        help="patch size for every task and model (0: each task's own); runs go to <runs folder>-pN")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -100,8 +108,10 @@ def main():
     budget, root, name = BUDGET, "runs/accuracy", "accuracy"
     if args.max_iters != BUDGET["max_iters"]:
         (budget, root), name = long_budget(args.max_iters), f"accuracy_{args.max_iters}"
+    if args.patch_size:
+        root, name = f"{root}-p{args.patch_size}", f"{name}_p{args.patch_size}"
 
-    results = run_all(jobs_for(tasks, models, seeds, budget, root), args.jobs, args.threads)
+    results = run_all(jobs_for(tasks, models, seeds, budget, root, args.patch_size), args.jobs, args.threads)
     header = (["model"] + [f"{t} accuracy" for t in tasks] + [f"{t} shuffled" for t in tasks]
               + [f"{t} val loss" for t in tasks])
     rows, data = [], {}
@@ -128,7 +138,8 @@ def main():
     over = f"mean ± std over seeds {args.seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
     text = (f"Accuracy (greedy exact match on all validation answers) and validation loss (answer tokens), "
             f"{over}; {settings}; train.py defaults otherwise "
-            f"(4 layers x 128, 16 image tokens; experiments/runs.py's TASK_SETTINGS per task). {len(results)} runs, {wall / 60:.0f} min of "
+            f"(4 layers x 128; image and patch size per task from experiments/runs.py's TASK_SETTINGS"
+            f"{f', patch size {args.patch_size} for every task' if args.patch_size else ''}). {len(results)} runs, {wall / 60:.0f} min of "
             f"run time in total. 'shuffled': accuracy with every image swapped for another of its batch "
             f"(the image-use check).\n\n" + markdown_table(header, rows)
             + "\n\nBy question kind:\n\n" + markdown_table(["task", "model", "question", "accuracy"], kinds_rows))

@@ -71,6 +71,17 @@ def test_jobs_share_one_budget_and_blind_is_ca_on_blank_images():
         assert {k: s[k] for k in accuracy.BUDGET} == accuracy.BUDGET
 
 
+def test_a_patch_size_for_every_task_changes_only_the_patch_size():
+    budget, root = accuracy.long_budget(10000)
+    own = dict(accuracy.jobs_for(["shapes", "text"], ["ca", "blind"], [2], budget, root))
+    p8 = dict(accuracy.jobs_for(["shapes", "text"], ["ca", "blind"], [2], budget, root + "-p8", patch_size=8))
+    assert [d.replace(root, root + "-p8") for d in own] == list(p8)
+    assert own[f"{root}/text/ca-s2"]["patch_size"] == 16 and "patch_size" not in own[f"{root}/shapes/ca-s2"]
+    for (d, s), s8 in zip(own.items(), p8.values()):
+        assert s8["patch_size"] == 8 and {k: v for k, v in s8.items() if k != "patch_size"} == \
+            {k: v for k, v in s.items() if k != "patch_size"}
+
+
 def test_question_kinds_along_the_way_per_seed_and_mean(tmp_path):
     """The long-budget table's per-question curves: each seed's logged numbers as they are, then
     their mean and sample std at every evaluation."""
