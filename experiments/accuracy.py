@@ -47,7 +47,9 @@ def jobs_for(tasks, models, seeds, budget=BUDGET, root="runs/accuracy", patch_si
     patch_size, if given, replaces every task's own (TASK_SETTINGS) for every model alike."""
     jobs = []
     for task in tasks:
-        image = dict(TASK_SETTINGS.get(task, {}), **({"patch_size": patch_size} if patch_size else {}))
+        image = dict(TASK_SETTINGS.get(task, {}))
+        if patch_size:
+            image["patch_size"] = patch_size
         for model in models:
             for seed in seeds:
                 settings = dict(dataset=task, **image, **model_settings(model), seed=seed, **budget)
