@@ -5,7 +5,6 @@ live-captioning strip (stream.py --compare). The scripts compute; this module on
 """
 
 import math
-import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -150,12 +149,40 @@ def to_pil(image):
     return Image.frombytes("RGB", (S, S), data)
 
 
+def wrap_to_width(text, fnt, width, max_lines=None):
+    """Greedy word wrap measured in pixels of `fnt` (a character count overflows a proportional
+    font); a word wider than a line is cut where it must be, and text past max_lines ends in "..."."""
+    if not text.strip():
+        return []
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if measure(candidate, font=fnt) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for ch in word:  # start the word on a new line, cutting it where it overflows
+            if line and measure(line + ch, font=fnt) > width:
+                lines.append(line)
+                line = ""
+            line += ch
+    lines.append(line)
+    if max_lines and len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and measure(last + "...", font=fnt) > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last + "..."]
+    return lines
+
+
 def image_grid(cells, path, cell=160, cols=4):
     """cells: [(images [(3, S, S) tensors], [(text, colour)])]: each cell its images side by side
     (upscaled, as the model sees them), its lines of text below; `cols` cells a row."""
     small = font(13)
-    wrap = max(12, cell // 7)
-    cells = [(pics, [(piece, color) for text, color in lines for piece in textwrap.wrap(text, wrap)])
+    cells = [(pics, [(piece, color) for text, color in lines for piece in wrap_to_width(text, small, cell)])
              for pics, lines in cells]
     line_h = 16
     text_h = line_h * max(len(lines) for _, lines in cells) + 8
@@ -225,8 +252,8 @@ def caption_strip(frames, names, results, refs, fps, path, cell=96):
     arrives, red: later). results[m][i]: dict with 'text', 'delay' and (optional) 'arrival' (seconds)."""
     small, big = font(12), font(14)
     interval = 1 / fps
-    line_h, wrap = 15, cell // 6
-    blocks = [[(textwrap.wrap(r[i]["text"], wrap) or [""])[:3] for r in results] for i in range(len(frames))]
+    line_h = 15
+    blocks = [[(wrap_to_width(r[i]["text"], small, cell, max_lines=3) or [""]) for r in results] for i in range(len(frames))]
     rows_h = [line_h * (1 + max(len(b[m]) for b in blocks)) + 6 for m in range(len(names))]
     label_w = 12 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=big)) for n in names)
     width = label_w + len(frames) * (cell + 6) + 10

@@ -11,7 +11,7 @@ import torch
 
 import casa
 from conftest import TINY_MODEL, run, write_tiny_dataset
-from experiments import accuracy, attention, efficiency, runs, token_scale, video, vision_probe
+from experiments import accuracy, attention, efficiency, plots, runs, token_scale, video, vision_probe
 
 
 def test_run_all_runs_once_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, capsys):
@@ -128,6 +128,21 @@ def test_mean_spread_is_mean_and_sample_std():
     xs = [0.5, 0.25, 0.375]
     assert runs.mean_spread(xs) == f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
     assert runs.mean_spread([0.5]) == "0.500"
+
+
+def test_captions_wrap_to_the_cell_width_in_pixels():
+    # a proportional font: a fixed count of characters overflows with wide letters (a model's
+    # broken caption such as "pppp...") and wastes room with narrow ones
+    fnt = plots.font(12)
+    width = plots.ImageDraw.Draw(plots.Image.new("RGB", (1, 1))).textlength
+    text = "it moves right " + "p" * 60 + " then " + "i" * 40
+    lines = plots.wrap_to_width(text, fnt, 96)
+    assert all(width(line, font=fnt) <= 96 for line in lines)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")  # nothing lost, only cut
+    assert lines[0] == "it moves right"  # whole words stay whole
+    cut = plots.wrap_to_width(text, fnt, 96, max_lines=3)
+    assert len(cut) == 3 and cut[:2] == lines[:2] and cut[2].endswith("...") and width(cut[2], font=fnt) <= 96
+    assert plots.wrap_to_width("  ", fnt, 96) == []
 
 
 def test_activation_bytes_counts_saved_tensors_once_and_leaves_weights_out():
