@@ -257,19 +257,24 @@ def caption_strip(frames, names, results, refs, fps, path, cell=96):
     rows_h = [line_h * (1 + max(len(b[m]) for b in blocks)) + 6 for m in range(len(names))]
     label_w = 12 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=big)) for n in names)
     width = label_w + len(frames) * (cell + 6) + 10
-    height = 30 + cell + 24 + sum(rows_h) + 22
+    # title and footer wrap to the strip's width: a strip of a few frames is narrower than one line
+    title = wrap_to_width(f"live captioning at {fps:g} frames/s (a frame every {1000 * interval:.0f} ms); "
+                          "under each frame, per model: its caption and its delay", big, width - 20)
+    footer = wrap_to_width("captions in black match the reference exactly, grey ones do not", small, width - 20)
+    top = 12 + 18 * len(title)  # where the frames start
+    height = top + cell + 24 + sum(rows_h) + 8 + line_h * len(footer)
     im = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(im)
-    d.text((10, 8), f"live captioning at {fps:g} frames/s (a frame every {1000 * interval:.0f} ms); "
-           "under each frame, per model: its caption and its delay", fill="black", font=big)
+    for k, line in enumerate(title):
+        d.text((10, 8 + 18 * k), line, fill="black", font=big)
     for i, frame in enumerate(frames):
         x = label_w + i * (cell + 6)
-        im.paste(to_pil(frame).resize((cell, cell), Image.NEAREST), (x, 30))
-        d.text((x + 2, 30 + cell + 4), f"t = {results[0][i].get('arrival', i * interval):.2f}s", fill=(90, 90, 90),
+        im.paste(to_pil(frame).resize((cell, cell), Image.NEAREST), (x, top))
+        d.text((x + 2, top + cell + 4), f"t = {results[0][i].get('arrival', i * interval):.2f}s", fill=(90, 90, 90),
                font=small)  # the frame's time in the stream
         if refs[i]:
-            d.rectangle([x, 30, x + cell - 1, 30 + cell - 1], outline=(200, 200, 200))
-    y = 30 + cell + 24
+            d.rectangle([x, top, x + cell - 1, top + cell - 1], outline=(200, 200, 200))
+    y = top + cell + 24
     for m, name in enumerate(names):
         d.text((6, y + 2), name, fill=COLORS.get(name.split()[0], (0, 0, 0)), font=big)
         for i in range(len(frames)):
@@ -282,6 +287,6 @@ def caption_strip(frames, names, results, refs, fps, path, cell=96):
                 ok = refs[i] is not None and results[m][i]["text"].strip() == refs[i].strip()
                 d.text((x, y + line_h * (k + 1)), line, fill=(0, 0, 0) if ok else (110, 110, 110), font=small)
         y += rows_h[m]
-    d.text((10, height - 18), "captions in black match the reference exactly, grey ones do not", fill=(90, 90, 90),
-           font=small)
+    for k, line in enumerate(footer):
+        d.text((10, y + 4 + line_h * k), line, fill=(90, 90, 90), font=small)
     im.save(path)

@@ -145,6 +145,21 @@ def test_captions_wrap_to_the_cell_width_in_pixels():
     assert plots.wrap_to_width("  ", fnt, 96) == []
 
 
+def test_a_short_caption_strip_keeps_its_title_and_footer_inside_the_picture(tmp_path):
+    # two frames make a strip narrower than the title's one line; everything drawn must stay inside
+    # the right margin (10 px), and the strip's width still follows the number of frames
+    frames = [torch.rand(3, 16, 16) for _ in range(2)]
+    results = [[dict(text="a red circle moves left", delay=0.01), dict(text="p" * 50, delay=2.0)]]
+    paths = [tmp_path / f"strip{n}.png" for n in (2, 3)]
+    plots.caption_strip(frames, ["ca"], results, ["a red circle moves left", None], 2.0, paths[0])
+    plots.caption_strip(frames + frames[:1], ["ca"], [results[0] + results[0][:1]], ["x", None, "x"], 2.0, paths[1])
+    with plots.Image.open(paths[0]) as im, plots.Image.open(paths[1]) as im3:
+        assert im3.size[0] - im.size[0] == 96 + 6
+        margin = im.convert("L").crop((im.size[0] - 10, 0, im.size[0], im.size[1]))
+        assert margin.getextrema() == (255, 255)  # white: nothing ran off the right edge
+        assert im.size[1] > im3.size[1]  # the narrow strip's title took more lines
+
+
 def test_activation_bytes_counts_saved_tensors_once_and_leaves_weights_out():
     class Tiny(torch.nn.Module):  # the calling convention of casa.VLM: (idx, images, targets) -> (_, loss)
         def __init__(self):
