@@ -296,12 +296,13 @@ for name, p in trainable:
 groups = [groups[k] for k in sorted(groups)]
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
                               fused=True if device_type == "cuda" else None)
-step, trained_s = 0, 0.0
+step, trained_s, walled_s = 0, 0.0, 0.0  # walled_s: wall seconds of the parts before a resume
 if resume:  # where the checkpoint stopped: optimizer, step, RNG, seconds of training so far
     optimizer.load_state_dict(ckpt["optimizer"])
     for g, g0 in zip(optimizer.param_groups, groups):  # the lrs of this run's settings
         g["base_lr"] = g0["base_lr"]
     step, trained_s = ckpt["step"], ckpt.get("train_s", 0.0)
+    walled_s = ckpt.get("wall_s", 0.0)
     set_rng_state(ckpt["rng"])
     log(f"resumed {ckpt_path} at step {step}")
 ckpt = None  # free memory
@@ -420,7 +421,7 @@ def write_log(record):
 
 def save(step, train_s):
     """Checkpoint (atomic): model, optimizer, step, the RNG states of every process, settings, and
-    the seconds of training so far (a resumed run's train_s goes on from there)."""
+    the seconds of training and of wall time so far (a resumed run's train_s and wall_s go on from there)."""
     states = [rng_state()]
     if ddp:
         states = [None] * world_size
@@ -428,7 +429,8 @@ def save(step, train_s):
         states = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for s in states]
     if master:
         casa.save_checkpoint(ckpt_path, raw_model, optimizer=optimizer.state_dict(), step=step, rng=states,
-                             train_s=train_s, train_args=args, pretrained=sorted(pretrained), dataset_dir=data_dir)
+                             train_s=train_s, wall_s=walled_s + time.time() - t_start, train_args=args,
+                             pretrained=sorted(pretrained), dataset_dir=data_dir)
 
 
 def format_metrics(m):
@@ -570,7 +572,7 @@ elif master:
     line = f"final: {format_metrics(m)} ({m['n_answers']} answers, step {step})"
     print(line)
     write_log({"step": step, "final": True, "train_s": round(t_final - t_loop - eval_s, 2), **m, "summary": line,
-               "wall_s": round(time.time() - t_start, 1)})
+               "wall_s": round(walled_s + time.time() - t_start, 1)})
 if ddp:
     dist.barrier()
     dist.destroy_process_group()

@@ -70,6 +70,9 @@ def test_resume_is_exact(base, data, tmp_path):
     train(data, tmp_path, *RESUMABLE, "--max_iters=4")
     trained_s = load(tmp_path / "ckpt.pt")["train_s"]
     assert trained_s == pytest.approx(read_log(tmp_path)[-1]["train_s"], abs=0.01)  # the final line's train_s
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ck["wall_s"] = 1000.0  # as if the first part had taken 1000 s of wall time
+    torch.save(ck, tmp_path / "ckpt.pt")
     r = train(data, tmp_path, "--resume=True", "--max_iters=8")
     assert "resumed" in r.stdout
     a = {x["step"]: x["loss"] for x in read_log(straight) if "loss" in x}
@@ -81,6 +84,7 @@ def test_resume_is_exact(base, data, tmp_path):
     # one final evaluation per part, the last one the uninterrupted run's
     finals = [x for x in read_log(tmp_path) if x.get("final")]
     assert [x["step"] for x in finals] == [4, 8]
+    assert 1000 < finals[-1]["wall_s"] < 1000 + 600  # wall time, like training time, goes on from the checkpoint's
     assert finals[-1]["val_loss"] == [x for x in read_log(straight) if x.get("final")][-1]["val_loss"]
     wa, wb = load(straight / "ckpt.pt")["model"], load(tmp_path / "ckpt.pt")["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
