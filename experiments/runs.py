@@ -49,12 +49,41 @@ def final_record(out_dir):
     return finals[-1] if finals else None
 
 
+def settings_clash(out_dir, settings):
+    """The settings a finished run was trained with (its checkpoint's train_args) that differ from
+    what this job asks for, as 'patch_size=16 (this job asks for 8)'; [] when they agree or there is
+    no checkpoint to read. Catches a folder filled before a table's settings changed (TASK_SETTINGS,
+    a budget), which would otherwise be skipped as done and reported under the new settings."""
+    path = os.path.join(ROOT, out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return []
+    saved = torch.load(path, map_location="cpu", weights_only=True).get("train_args", {})
+
+    def same(was, asked):  # asked may be a string from a command line: 3e-4 is 0.0003
+        if was == asked or str(was) == str(asked):
+            return True
+        try:
+            return not isinstance(was, bool) and isinstance(was, (int, float)) and type(was)(asked) == was
+        except ValueError:
+            return False
+
+    return [f"{k}={saved[k]!r} (this job asks for {v!r})" for k, v in settings.items()
+            if k in saved and not same(saved[k], v)]
+
+
 def run_all(jobs, parallel=2, threads=1):
     """Run every (out_dir, settings) job that has not finished yet, `parallel` at a time, each with
     `threads` CPU threads; one that was interrupted goes on from its last checkpoint (train.py
     --resume=True, its output appended to train.txt). Returns {out_dir: final record} for all jobs.
-    A failed run stops everything with its log's last lines."""
+    A failed run stops everything with its log's last lines, and so does a finished one whose
+    checkpoint says it was trained with other settings than its job's (settings_clash)."""
     todo = [(d, s) for d, s in jobs if final_record(d) is None]
+    for out_dir, settings in jobs:
+        clash = [] if (out_dir, settings) in todo else settings_clash(out_dir, settings)
+        if clash:
+            sys.exit(f"error: {out_dir} holds a finished run trained with {', '.join(clash)}. Its numbers "
+                     "would be reported as this job's: move or delete that folder to train it again with "
+                     "these settings (or keep it and ask for the settings it was made with)")
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run "
           f"({parallel} at a time, {threads} thread(s) each)", flush=True)
     # a built-in dataset missing on a fresh clone is prepared here, once, before runs start in parallel

@@ -30,6 +30,11 @@ def test_run_all_runs_once_skips_finished_runs_and_resumes_interrupted_ones(tmp_
     assert runs.run_all([(straight, settings)], parallel=1)[straight] == record
     assert os.path.getmtime(os.path.join(straight, "log.jsonl")) == before
     assert "1 already done, 0 to run" in capsys.readouterr().out
+    # finished with other settings than a job asks for (a table's settings changed since): its numbers
+    # must not be reported as that job's, so run_all stops and names the setting
+    with pytest.raises(SystemExit, match=r"eval_interval=3 \(this job asks for 2\)"):
+        runs.run_all([(straight, dict(settings, eval_interval=2))], parallel=1)
+    assert runs.settings_clash(straight, dict(settings, learning_rate="3e-4")) == []  # "3e-4" is the 0.0003 it ran with
 
     # the same run stopped at step 3: a checkpoint there, no final line (as after Ctrl-C or a kill)
     split = str(tmp_path / "split")
