@@ -9,10 +9,10 @@ several seeds each. Reports greedy exact-match accuracy and the validation loss 
     python experiments/accuracy.py --tasks=text,charts --seeds=1 --max_iters=5000
                                                           # the fine-grained columns: a longer budget, with
                                                           # learning curves (14 runs of ~35 min on one thread)
-    python experiments/accuracy.py --tasks=text --max_iters=10000 --patch_size=8
-                                                          # every model with 8 px patches instead of the
-                                                          # task's own (64 tokens of a 64 px image; runs go
-                                                          # to runs/accuracy-10000-p8)
+    python experiments/accuracy.py --tasks=text --max_iters=10000 --patch_size=16
+                                                          # every model with 16 px patches instead of the
+                                                          # task's own (text's is 8: 64 tokens of a 64 px
+                                                          # image); runs go to runs/accuracy-10000-p16
 
 Runs go to runs/accuracy/<task>/<variant>-s<seed>/ (log.jsonl, ckpt.pt, train.txt); a run that
 already finished is not run again, and one that was interrupted goes on from its last checkpoint, so
@@ -55,6 +55,14 @@ def jobs_for(tasks, models, seeds, budget=BUDGET, root="runs/accuracy", patch_si
                 settings = dict(dataset=task, **image, **model_settings(model), seed=seed, **budget)
                 jobs.append((f"{root}/{task}/{model}-s{seed}", settings))
     return jobs
+
+
+def with_patch_size(tasks, patch_size, root, name):
+    """--patch_size N: (N, root-pN, name_pN), the runs kept apart from those of each task's own patch
+    size; (0, root, name) when N is 0 or already every task's own, so that it changes nothing."""
+    if not patch_size or all(TASK_SETTINGS.get(t, {}).get("patch_size") == patch_size for t in tasks):
+        return 0, root, name
+    return patch_size, f"{root}-p{patch_size}", f"{name}_p{patch_size}"
 
 
 def curve(out_dir):
@@ -101,7 +109,8 @@ def main():
     parser.add_argument("--max_iters", type=int, default=BUDGET["max_iters"],
                         help="another budget: runs go to runs/accuracy-N, evaluated every N/10 steps along the way")
     parser.add_argument("--patch_size", type=int, default=0,
-                        help="patch size for every task and model (0: each task's own); runs go to <runs folder>-pN")
+                        help="patch size for every task and model (0: each task's own); unless it is every task's own, "
+                             "runs go to <runs folder>-pN")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -110,8 +119,7 @@ def main():
     budget, root, name = BUDGET, "runs/accuracy", "accuracy"
     if args.max_iters != BUDGET["max_iters"]:
         (budget, root), name = long_budget(args.max_iters), f"accuracy_{args.max_iters}"
-    if args.patch_size:
-        root, name = f"{root}-p{args.patch_size}", f"{name}_p{args.patch_size}"
+    args.patch_size, root, name = with_patch_size(tasks, args.patch_size, root, name)
 
     results = run_all(jobs_for(tasks, models, seeds, budget, root, args.patch_size), args.jobs, args.threads)
     header = (["model"] + [f"{t} accuracy" for t in tasks] + [f"{t} shuffled" for t in tasks]

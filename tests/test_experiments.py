@@ -78,13 +78,24 @@ def test_jobs_share_one_budget_and_blind_is_ca_on_blank_images():
 
 def test_a_patch_size_for_every_task_changes_only_the_patch_size():
     budget, root = accuracy.long_budget(10000)
-    own = dict(accuracy.jobs_for(["shapes", "text"], ["ca", "blind"], [2], budget, root))
-    p8 = dict(accuracy.jobs_for(["shapes", "text"], ["ca", "blind"], [2], budget, root + "-p8", patch_size=8))
+    own = dict(accuracy.jobs_for(["shapes", "charts"], ["ca", "blind"], [2], budget, root))
+    p8 = dict(accuracy.jobs_for(["shapes", "charts"], ["ca", "blind"], [2], budget, root + "-p8", patch_size=8))
     assert [d.replace(root, root + "-p8") for d in own] == list(p8)
-    assert own[f"{root}/text/ca-s2"]["patch_size"] == 16 and "patch_size" not in own[f"{root}/shapes/ca-s2"]
+    assert own[f"{root}/charts/ca-s2"]["patch_size"] == 16 and "patch_size" not in own[f"{root}/shapes/ca-s2"]
     for (d, s), s8 in zip(own.items(), p8.values()):
         assert s8["patch_size"] == 8 and {k: v for k, v in s8.items() if k != "patch_size"} == \
             {k: v for k, v in s.items() if k != "patch_size"}
+
+
+def test_a_patch_size_that_is_every_tasks_own_changes_nothing():
+    text = accuracy.TASK_SETTINGS["text"]["patch_size"]
+    assert accuracy.with_patch_size(["text"], text, "runs/a", "a") == (0, "runs/a", "a")  # the same runs
+    assert accuracy.with_patch_size(["text"], 0, "runs/a", "a") == (0, "runs/a", "a")
+    other = 16 if text != 16 else 8  # another patch size: its runs kept apart
+    assert accuracy.with_patch_size(["text"], other, "runs/a", "a") == (other, f"runs/a-p{other}", f"a_p{other}")
+    charts = accuracy.TASK_SETTINGS["charts"]["patch_size"]
+    if charts != text:  # one task's own but not the other's: apart too
+        assert accuracy.with_patch_size(["text", "charts"], text, "runs/a", "a")[1] == f"runs/a-p{text}"
 
 
 def test_question_kinds_along_the_way_per_seed_and_mean(tmp_path):
