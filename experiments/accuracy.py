@@ -4,7 +4,7 @@ same budget on the coarse task (shapes) and the two fine-grained ones (text read
 several seeds each. Reports greedy exact-match accuracy and the validation loss on answer tokens
 (the loss still moves when a hard task's exact-match accuracy is near zero).
 
-    python experiments/accuracy.py                        # 3 tasks x 7 models x 3 seeds (63 runs of ~4 min on one thread)
+    python experiments/accuracy.py                        # 3 tasks x 7 models x 3 seeds (63 runs of 4-7 min on one thread)
     python experiments/accuracy.py --tasks=shapes --seeds=1   # one column, one seed
     python experiments/accuracy.py --tasks=text,charts --seeds=1 --max_iters=5000
                                                           # the fine-grained columns: a longer budget, with
@@ -31,7 +31,7 @@ import casa  # noqa: E402
 from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,  # noqa: E402
                              parse_seeds, predictions, run_all, write_result)
 
-# one budget for every run (train.py's recipe otherwise): ~4 min each on one CPU thread
+# one budget for every run (train.py's recipe otherwise): 4-7 min each on one CPU thread (text's, with 8 px patches, the longest)
 BUDGET = dict(max_iters=1000, batch_size=32, eval_interval=1000, num_show=0)
 CHANCE = {"shapes": "~0.13", "text": "~0", "charts": "~0.15"}
 
