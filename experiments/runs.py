@@ -59,7 +59,10 @@ def settings_clash(out_dir, settings):
     path = os.path.join(ROOT, out_dir, "ckpt.pt")
     if not os.path.exists(path):
         return []
-    saved = torch.load(path, map_location="cpu", weights_only=True).get("train_args", {})
+    try:
+        saved = casa.load_checkpoint(path)[1].get("train_args", {})
+    except (OSError, ValueError, RuntimeError) as e:  # not a checkpoint, or weights that do not fit
+        sys.exit(f"error: cannot read the finished run's checkpoint to check its settings: {e}")
 
     def same(was, asked):  # asked may be a string from a command line: 3e-4 is 0.0003
         if was == asked or str(was) == str(asked):
@@ -81,7 +84,7 @@ def run_all(jobs, parallel=2, threads=1):
     checkpoint says it was trained with other settings than its job's (settings_clash)."""
     todo = [(d, s) for d, s in jobs if final_record(d) is None]
     for out_dir, settings in jobs:
-        clash = [] if (out_dir, settings) in todo else settings_clash(out_dir, settings)
+        clash = settings_clash(out_dir, settings) if final_record(out_dir) else []
         if clash:
             sys.exit(f"error: {out_dir} holds a finished run trained with {', '.join(clash)}. Its numbers "
                      "would be reported as this job's: move or delete that folder to train it again with "
