@@ -113,7 +113,8 @@ def accuracy_panels(curves, tasks, models, path):
     one run per seed."""
     W, H, pad = 360, 240, 44
     rows = ((1, "training time (s)", "s"), (0, "steps", ""))  # (index of x in a curve's point, axis name, unit)
-    im = Image.new("RGB", (len(tasks) * (W + pad) + pad, len(rows) * (H + 2 * pad) + 20), "white")
+    legend_w = pad + len(models) * 110 + 130  # the models' keys and "(one line per seed)"
+    im = Image.new("RGB", (max(len(tasks) * (W + pad) + pad, legend_w), len(rows) * (H + 2 * pad) + 20), "white")
     d = ImageDraw.Draw(im)
     for r, (xi, axis, unit) in enumerate(rows):
         for p, task in enumerate(tasks):
