@@ -113,7 +113,8 @@ def accuracy_panels(curves, tasks, models, path):
     one run per seed."""
     W, H, pad = 360, 240, 44
     rows = ((1, "training time (s)", "s"), (0, "steps", ""))  # (index of x in a curve's point, axis name, unit)
-    legend_w = pad + len(models) * 110 + 130  # the models' keys and "(one line per seed)"
+    key_w = 110  # legend: one model's key
+    legend_w = pad + len(models) * key_w + 130  # the models' keys and "(one line per seed)"
     im = Image.new("RGB", (max(len(tasks) * (W + pad) + pad, legend_w), len(rows) * (H + 2 * pad) + 20), "white")
     d = ImageDraw.Draw(im)
     for r, (xi, axis, unit) in enumerate(rows):
@@ -135,11 +136,11 @@ def accuracy_panels(curves, tasks, models, path):
                     if len(pts) > 1:
                         d.line([(x0, y0 + H)] + pts, fill=COLORS.get(model, (0, 0, 0)), width=2)
     for i, model in enumerate(models):  # legend
-        x, y = pad + i * 110, len(rows) * (H + 2 * pad) + 8
+        x, y = pad + i * key_w, len(rows) * (H + 2 * pad) + 8
         d.line((x, y, x + 20, y), fill=COLORS.get(model, (0, 0, 0)), width=3)
         d.text((x + 24, y - 6), model, fill=(0, 0, 0))
     if any(len(runs) > 1 for runs in curves.values()):
-        d.text((pad + len(models) * 110, len(rows) * (H + 2 * pad) + 2), "(one line per seed)", fill=(0, 0, 0))
+        d.text((pad + len(models) * key_w, len(rows) * (H + 2 * pad) + 2), "(one line per seed)", fill=(0, 0, 0))
     im.save(path)
 
 
