@@ -118,16 +118,17 @@ def parse_args(script_file, about, n_train, n_val, argv=None):
 
 
 def write_dataset(name, make_sample, out, n_train, n_val, seed):
-    """make_sample(rng, stem) -> (record, [(relative_path, PIL image), ...]).
-    `stem` (e.g. "train_00042") is unique per sample, for naming its images.
-    Returns the number of images written.
+    """make_sample(rng, stem) -> (record, [(relative_path, PIL image), ...]), or a list of records
+    that share those images (several questions about one picture, one jsonl line each, as real VQA
+    sets are laid out). `stem` (e.g. "train_00042") is unique per call, for naming its images.
+    Returns (jsonl lines written, images written).
 
     Every file appears whole (written under a temporary name, then renamed), and train.jsonl
     appears last: train.py takes a folder with a train.jsonl as ready, so a run started while
     another one prepares the same dataset never reads a half-written file."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     tmp = f".{os.getpid()}.tmp"  # per process: two preparers never write the same temporary file
-    n_images = 0
+    n_lines = n_images = 0
     for split, n in (("val", n_val), ("train", n_train)):
         # one RNG stream per split; a string seed is hashed with sha512 by
         # random.Random, so it is stable across runs and PYTHONHASHSEED
@@ -139,15 +140,17 @@ def write_dataset(name, make_sample, out, n_train, n_val, seed):
                 for image_path, img in images:
                     img.save(os.path.join(out, image_path) + tmp, format="PNG")
                     os.replace(os.path.join(out, image_path) + tmp, os.path.join(out, image_path))
-                f.write(json.dumps(record) + "\n")
-                n_images += len(images)
+                records = record if isinstance(record, list) else [record]
+                f.writelines(json.dumps(r) + "\n" for r in records)
+                n_lines, n_images = n_lines + len(records), n_images + len(images)
         os.replace(path + tmp, path)
-    return n_images
+    return n_lines, n_images
 
 
 def main(name, make_sample, script_file, about, n_train, n_val, argv=None):
     args = parse_args(script_file, about, n_train, n_val, argv)
     t0 = time.time()
-    n_images = write_dataset(name, make_sample, args.out, args.n_train, args.n_val, args.seed)
-    print(f"{name}: wrote {args.n_train} train / {args.n_val} val samples "
-          f"({n_images} images) to {args.out} in {time.time() - t0:.1f}s")
+    n_lines, n_images = write_dataset(name, make_sample, args.out, args.n_train, args.n_val, args.seed)
+    what = f"{args.n_train} train / {args.n_val} val samples" if n_lines == args.n_train + args.n_val else \
+        f"{args.n_train} train / {args.n_val} val images, {n_lines} questions"
+    print(f"{name}: wrote {what} ({n_images} images) to {args.out} in {time.time() - t0:.1f}s")

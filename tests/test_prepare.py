@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data.common import COLORS, MARKER, SHAPES, SIZE, draw_shape  # noqa: E402
 
-SMALL = {"shapes": (40, 10), "text": (40, 10), "charts": (40, 10), "video": (24, 8)}  # (n_train, n_val)
+SMALL = {"shapes": (40, 10), "text": (40, 10), "charts": (40, 10), "video": (24, 8),  # (n_train, n_val)
+         "scenes": (40, 10)}  # scenes: images, about ten question lines each
 ANSWER = re.compile(r"^[a-z0-9]+( [a-z0-9]+)*$")  # short, lowercase, no punctuation
 
 
@@ -88,7 +89,10 @@ def test_format(generated, name):
     folder = generated(name)["a"]
     for split, n in zip(("train", "val"), SMALL[name]):
         records = load(folder, split)
-        assert len(records) == n
+        if name == "scenes":  # one line per question, about ten to an image
+            assert len({r["image"] for r in records}) == n and 8 * n <= len(records) <= 10 * n
+        else:
+            assert len(records) == n
         for rec in records:
             assert isinstance(rec["task"], str) and rec["task"]
             images, turns = normalize(rec)
@@ -118,6 +122,55 @@ def test_shapes_colour_is_in_image(generated):
         colour = COLORS[named[0]]
         pixels = np.array(Image.open(d["a"] / rec["image"])).reshape(-1, 3)
         assert (pixels == colour).all(-1).any(), rec
+
+
+def scene_answer(question, objects):
+    """The answer to a scenes question, worked out from the scene's objects, independently of
+    data/scenes/prepare.py's question code."""
+    words = question.rstrip("?").split()
+    plural = {s + ("es" if s.endswith("s") else "s"): s for s in SHAPES}
+    if question == "how many shapes are there?":
+        return str(len(objects))
+    if words[:2] == ["how", "many"]:
+        return str(sum(o["shape"] == plural[words[2]] for o in objects))
+    if words[:3] == ["what", "shape", "is"]:  # the <colour> object
+        (o,) = [o for o in objects if o["color"] == words[4]]
+        return o["shape"]
+    if words[:3] == ["what", "color", "is"]:  # the <shape>: one of it
+        (o,) = [o for o in objects if o["shape"] == words[4]]
+        return o["color"]
+    if words[:2] == ["is", "there"]:  # a red circle / a circle / a red shape
+        color = next((w for w in words[3:] if w in COLORS), None)
+        shape = next((w for w in words[3:] if w in SHAPES), None)
+        return "yes" if any(color in (None, o["color"]) and shape in (None, o["shape"]) for o in objects) else "no"
+    if words[:2] == ["is", "the"]:  # the <c1> shape left/right of the <c2> shape
+        (a,) = [o for o in objects if o["color"] == words[2]]
+        (b,) = [o for o in objects if o["color"] == words[7]]
+        assert abs(a["x"] - b["x"]) >= 8  # asked only where the answer is plain to see
+        return "yes" if (a["x"] < b["x"]) == (words[4] == "left") else "no"
+    raise AssertionError(f"unknown question form: {question}")
+
+
+def test_scenes_answers_match_objects_and_pixels(generated):
+    folder = generated("scenes")["a"]
+    records = load(folder, "train") + load(folder, "val")
+    by_image = {}
+    for rec in records:
+        assert rec["answer"] == scene_answer(rec["prompt"], rec["objects"]), rec
+        by_image.setdefault(rec["image"], []).append(rec)
+    yes_no = sum(r["answer"] in ("yes", "no") for r in records) / len(records)
+    yes = sum(r["answer"] == "yes" for r in records) / max(1, sum(r["answer"] in ("yes", "no") for r in records))
+    assert 0.5 < yes_no < 0.8 and 0.35 < yes < 0.65  # mostly yes/no, as real sets; yes and no alike
+    kinds = {" ".join(r["prompt"].split()[:2]) for r in records}
+    assert kinds == {"is there", "what color", "what shape", "how many", "is the"}
+    for path, recs in by_image.items():
+        objects = recs[0]["objects"]
+        assert all(r["objects"] == objects for r in recs) and 1 <= len(objects) <= 4
+        assert len({r["prompt"] for r in recs}) == len(recs)  # no question twice about one image
+        assert len({o["color"] for o in objects}) == len(objects)  # "the red shape" is one shape
+        pixels = {tuple(p) for p in np.array(Image.open(folder / path)).reshape(-1, 3)}
+        drawn = {name for name, rgb in COLORS.items() if rgb in pixels}
+        assert drawn == {o["color"] for o in objects}, (path, drawn)  # every object drawn, no other colour
 
 
 # -----------------------------------------------------------------------------
@@ -208,7 +261,7 @@ def test_train_jsonl_appears_last_and_whole(tmp_path):
         img = Image.new("RGB", (4, 4), (rng.randrange(256), 0, 0))
         return {"image": f"images/{stem}.png", "prompt": "q", "answer": "a"}, [(f"images/{stem}.png", img)]
 
-    assert write_dataset("toy", make_sample, str(tmp_path), n_train=5, n_val=3, seed=1) == 8
+    assert write_dataset("toy", make_sample, str(tmp_path), n_train=5, n_val=3, seed=1) == (8, 8)
     assert len(seen) == 8 and not any(exists for _, exists in seen)
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 5
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
