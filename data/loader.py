@@ -166,6 +166,31 @@ def read_split(folder, split):
     return samples
 
 
+def typical_image_side(folder, split="train", n=100):
+    """The median shorter side, in pixels, of the first n distinct images of a split (read from the
+    file headers only: fast), or None when it has no images."""
+    from PIL import Image
+
+    path = os.path.join(folder, f"{split}.jsonl")
+    seen, sides = set(), []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if len(seen) >= n:
+                break
+            if not line.strip():
+                continue
+            for image in parse_line(line, folder, f"{path}:{lineno}").images:
+                if image in seen:
+                    continue
+                seen.add(image)
+                try:
+                    with Image.open(image) as img:
+                        sides.append(min(img.size))
+                except OSError:  # a broken file: the full read (Dataset) names its line
+                    pass
+    return sorted(sides)[len(sides) // 2] if sides else None
+
+
 def tokenize(sample, tokenizer):
     """Fill sample.ids / answer_mask / turns_at from its turns."""
     ids, mask, starts = [], [], []
@@ -269,9 +294,25 @@ class Dataset:
             s.xy = ids[:-1], torch.where(torch.tensor(s.answer_mask[1:]), ids[1:], -1)
         return s.xy
 
-    def get_batch(self, batch_size, generator):
-        """A random batch (with replacement), drawn from `generator` (reproducible, resumable)."""
-        return self.batch(torch.randint(len(self.samples), (batch_size,), generator=generator).tolist())
+    def get_batch(self, batch_size, generator, weights=None):
+        """A random batch (with replacement), drawn from `generator` (reproducible, resumable);
+        weights: how likely each sample is (kind_weights()), None: all alike."""
+        if weights is None:
+            rows = torch.randint(len(self.samples), (batch_size,), generator=generator)
+        else:
+            rows = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+        return self.batch(rows.tolist())
+
+    def kind_weights(self):
+        """A weight per sample that makes every question kind (turn_kinds) as likely as every other
+        in a batch: a sample weighs the mean over its turns of 1 / (how many turns have that kind).
+        Exact when each sample asks one question (VQA sets); a sample of several kinds counts for each."""
+        counts = {}
+        for kinds in self.turn_kinds:
+            for k in kinds:
+                counts[k] = counts.get(k, 0) + 1
+        return torch.tensor([sum(1 / counts[k] for k in kinds) / len(kinds) for kinds in self.turn_kinds],
+                            dtype=torch.float64)
 
     def iter_batches(self, batch_size, limit=None):
         """The split in order, in batches (for validation loss)."""

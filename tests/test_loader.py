@@ -11,7 +11,7 @@ from conftest import write_tiny_dataset
 from PIL import Image
 
 import casa
-from data.loader import DataError, Dataset, eval_batches, resolve_dataset, text_tokens
+from data.loader import DataError, Dataset, eval_batches, resolve_dataset, text_tokens, typical_image_side
 
 S = 16
 TOK = casa.get_tokenizer()
@@ -122,6 +122,39 @@ def test_batches_reproducible_and_blind(tmp_path):
     c = blind.get_batch(5, torch.Generator().manual_seed(3))
     assert torch.equal(c[0], a[0]) and torch.equal(c[1], a[1])  # same text
     assert c[2].shape == a[2].shape and float(c[2].abs().sum()) == 0  # blank images
+
+
+def test_balanced_kinds_draw_every_kind_equally(tmp_path):
+    # 9 lines of one kind, 1 of another: drawn with kind_weights each kind comes up equally often
+    # (drawn plainly, 1 in 10)
+    lines = [{"image": "a.png", "prompt": "what color is it?", "answer": "red"}] * 9
+    lines += [{"image": "a.png", "prompt": "how big is it?", "answer": "small"}]
+    ds = Dataset(str(folder_with(tmp_path, lines)), "train", S)
+    w = ds.kind_weights()
+    assert float(w[:9].sum()) == pytest.approx(float(w[9]))
+    g = torch.Generator().manual_seed(0)
+    rows = torch.multinomial(w, 4000, replacement=True, generator=g)
+    assert 0.45 < float((rows == 9).double().mean()) < 0.55
+    # get_batch draws through the weights: all weight on one sample gives only that sample
+    one = torch.zeros(len(ds), dtype=torch.float64)
+    one[9] = 1.0
+    idx, _, _ = ds.get_batch(6, torch.Generator().manual_seed(1), one)
+    assert all(torch.equal(row, ds.batch([9])[0][0]) for row in idx)
+    # a line of several turns counts for each of its kinds: the rare kind still comes up more often
+    two = {"images": ["a.png", "a.png"], "turns": [{"prompt": "<|image|> what color is it?", "answer": "red"},
+                                                   {"prompt": "<|image|> how big is it?", "answer": "small"}]}
+    ds = Dataset(str(folder_with(tmp_path, lines + [two])), "train", S)
+    w = ds.kind_weights()
+    assert float(w[9] + w[10]) > float(w[:9].sum()) / 2
+
+
+def test_typical_image_side(tmp_path):
+    lines = [{"image": f"{n}.png", "prompt": "q?", "answer": "a"} for n in ("a", "b", "c")]
+    folder = folder_with(tmp_path, lines)
+    for name, size in (("a", (48, 80)), ("b", (50, 50)), ("c", (200, 120))):
+        Image.new("RGB", size).save(folder / f"{name}.png")
+    assert typical_image_side(str(folder)) == 50  # shorter sides 48, 50, 120: the median
+    assert typical_image_side(str(folder), n=1) == 48  # the first image only
 
 
 def test_block_size_error(tmp_path):
