@@ -260,6 +260,9 @@ class Config:
     n_vis_layer: int = 2
     n_vis_head: int = 4
     n_vis_embd: int = 128
+    # initialisation of the text side (embeddings, attention, MLPs, fusion): weights ~ N(0, init_std^2),
+    # residual projections scaled down by sqrt(2 n_layer); 0: 1/sqrt(n_embd) (GPT-2 uses 0.02)
+    init_std: float = 0.0
     # fusion: one of VARIANTS
     variant: str = "ca"
 
@@ -742,20 +745,24 @@ class VLM(nn.Module):
         self.ln_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
-        # the text side as in GPT-2 (std 0.02, residual projections scaled down). The vision encoder
-        # keeps PyTorch's default init (about 1/sqrt(fan_in)): trained from scratch, it learns
-        # several times faster with it than at std 0.02 (experiments/vision_probe.py)
+        # the text side: normal weights at config.init_std, by default 1/sqrt(n_embd) (0.088 at 128 wide;
+        # GPT-2's 0.02 suits a 768-wide model: trained from scratch at 128, it learns question logic
+        # several times slower, docs/recipe.md), residual projections scaled down as in GPT-2. The
+        # vision encoder keeps PyTorch's default init (about 1/sqrt(fan_in)): it learns several times
+        # faster with it than at std 0.02 (experiments/vision_probe.py)
+        std = config.init_std or config.n_embd**-0.5
         for module in (self.wte, self.blocks):
-            module.apply(self._init_weights)
+            module.apply(lambda m: self._init_weights(m, std))
         for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
             if name.endswith(("o.weight", "proj.weight")) and "vision" not in name:
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
         for block in self.blocks:
             block.init_ca_from_sa()
 
-    def _init_weights(self, module):
+    @staticmethod
+    def _init_weights(module, std):
         if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
