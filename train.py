@@ -3,6 +3,7 @@ Train a CASA vision-language model. One flat loop, in nanoGPT's manner.
 
     python train.py                                   # ca on the shapes task, ~2 min on 2 CPU cores
     python train.py --variant=insertion --n_layer=6   # any setting below as --name=value
+    python train.py --dataset=path/to/folder          # your own data: image size, budget and stages follow it
     python train.py --blind=True                      # blank images: the blind baseline
     python train.py --help                            # every setting and its default
     python train.py --resume=True                     # continue out_dir/ckpt.pt exactly where it stopped
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 import casa
 import configurator
-from data.loader import Dataset, answer, eval_batches, resolve_dataset, score, text_tokens
+from data.loader import Dataset, answer, eval_batches, resolve_dataset, score, text_tokens, typical_image_side
 
 # -----------------------------------------------------------------------------
 # settings; every one can be overridden on the command line as --name=value
@@ -51,18 +52,23 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 block_size = 0  # longest text one forward takes; 0: fit the dataset's longest sample
-image_size = 32
-patch_size = 8  # 32/8 -> 16 image tokens per image (casa's default 4 -> 64 tokens: slower, no better on shapes)
+image_size = 0  # pixels a side the images are resized to; 0: follow the images (their size, 32 to 64)
+patch_size = 0  # 0: image_size // 4, so 16 image tokens per image at any size
 n_vis_layer = 2
 n_vis_head = 4
 n_vis_embd = 128
 dropout = 0.0
+init_std = 0.0  # the text side's initial weights' std; 0: 1/sqrt(n_embd) (GPT-2's 0.02 learns question logic slower)
 # optimisation
 batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
-max_iters = 1000
+max_iters = 0  # optimizer steps; 0: follow the data, `epochs` passes over the training samples...
+epochs = 2.0
+min_iters = 1000  # ...but at least this many steps (a small set needs many passes)
 learning_rate = 3e-4  # training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
-vision_pretrain_iters = 0  # stage 1: steps of label-free pretraining of the vision encoder before the VLM (0: off)
+balance_kinds = True  # draw every question kind equally often (data.loader turn_kinds), not as the data has them
+vision_pretrain_iters = -1  # stage 1: steps of label-free pretraining of the vision encoder before the VLM;
+#                              0: off; -1: a fifth of max_iters (for a fresh run with images)
 vision_pretrain_lr = 1e-3
 vision_pretrain_batch = 32  # images per stage-1 step
 lr_new = 1e-3  # adaptation (init_from): parameters that are new (CA layers)...
@@ -87,7 +93,7 @@ compile = None  # torch.compile; None: on for CUDA only
 SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and k.islower()
             and isinstance(v, (bool, int, float, str, type(None)))]
 MODEL_KEYS = ["variant", "n_layer", "n_head", "n_embd", "block_size", "image_size", "patch_size",
-              "n_vis_layer", "n_vis_head", "n_vis_embd", "dropout"]
+              "n_vis_layer", "n_vis_head", "n_vis_embd", "dropout", "init_std"]
 
 t_start = time.time()  # wall time of the whole run, reported at the end
 cli = configurator.parse(sys.argv[1:], {k: globals()[k] for k in SETTINGS}, __doc__)
@@ -147,20 +153,16 @@ elif asked["init_from"]:
     _, src = read_checkpoint(asked["init_from"], "--init_from")
     sizes = src["config"]
     clash = [f"{k}={sizes.get(k)!r} (asked {v!r})" for k, v in cli.items()
-             if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout") and sizes.get(k) != v]
+             if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout", "init_std") and sizes.get(k) != v]
     if clash:
         fail(f"--init_from: {asked['init_from']} has {', '.join(clash)}; the model sizes come from the checkpoint")
     try:
-        config = casa.Config(**dict(sizes, variant=asked["variant"], dropout=asked["dropout"],
+        config = casa.Config(**dict(sizes, variant=asked["variant"], dropout=asked["dropout"], init_std=asked["init_std"],
                                     block_size=max(asked["block_size"], sizes["block_size"])))
     except ValueError as e:
         fail(f"--init_from: {e}")
 else:
-    try:
-        config = casa.Config(**{k: asked[k] for k in MODEL_KEYS if k != "block_size"},
-                             block_size=asked["block_size"] or 256)
-    except ValueError as e:  # an unknown variant, sizes that do not divide
-        fail(e)
+    config = None  # a fresh model: made once the data is known (image_size and patch_size may follow it)
 globals().update({**saved, **cli})  # the one place settings are applied: defaults < checkpoint's < command line
 
 # -----------------------------------------------------------------------------
@@ -220,6 +222,17 @@ try:
     if ddp:
         dist.barrier()
     data_dir = resolve_dataset(dataset, prepare=False)
+    if config is None:  # a fresh model, its image size fitted to the images unless set
+        side = typical_image_side(data_dir) or 32
+        image_size = image_size or min(64, max(32, side // 16 * 16))
+        patch_size = patch_size or image_size // 4
+        log(f"images: {side} px -> image_size {image_size}, patch_size {patch_size}: {(image_size // patch_size) ** 2} "
+            f"tokens per image{' (--image_size / --patch_size to change)' if 'image_size' not in cli else ''}")
+        args.update(image_size=image_size, patch_size=patch_size)
+        try:
+            config = casa.Config(**{k: args[k] for k in MODEL_KEYS if k != "block_size"}, block_size=block_size or 256)
+        except ValueError as e:  # an unknown variant, sizes that do not divide
+            fail(e)
     train_data = Dataset(data_dir, "train", config.image_size, blind=blind)
     val_data = Dataset(data_dir, "val", config.image_size, blind=blind)
 except (OSError, ValueError) as e:  # DataError is a ValueError: it names the file and line
@@ -228,6 +241,16 @@ tokenizer = train_data.tokenizer
 log(f"dataset {data_dir}: {len(train_data)} train / {len(val_data)} val samples, tasks: "
     f"{', '.join(t or '-' for t in val_data.tasks)}{' (BLIND: images blanked)' if blind else ''} "
     f"[{time.time() - t0:.1f}s]")
+if max_iters == 0:  # the budget follows the data: passes over the training samples
+    per_step = batch_size * grad_accum * world_size
+    max_iters = args["max_iters"] = max(min_iters, math.ceil(epochs * len(train_data) / per_step))
+    log(f"budget: {max_iters} steps of {per_step} samples = {max_iters * per_step / len(train_data):.1f} passes over "
+        f"the training set (--epochs={epochs:g}, at least --min_iters={min_iters}; --max_iters to set it)")
+if vision_pretrain_iters < 0:  # stage 1 follows the budget
+    vision_pretrain_iters = args["vision_pretrain_iters"] = 0 if init_from or blind else max_iters // 5
+    if vision_pretrain_iters:
+        log(f"stage 1: {vision_pretrain_iters} steps of label-free vision pretraining (the encoder learns to redraw "
+            f"the images), then the VLM (--vision_pretrain_iters=N to set it, 0: off)")
 
 # -----------------------------------------------------------------------------
 # model: a resumed one is already loaded; a fresh or adapted one fits the data's longest sample
@@ -419,6 +442,21 @@ def write_log(record):
             f.write(json.dumps(record) + "\n")
 
 
+def still_climbing(final_accuracy, step, margin=0.02):
+    """A warning when validation accuracy rose by more than `margin` over the end of the run (from the
+    last periodic evaluation in log.jsonl between 3/5 and 4/5 of the steps to the final one), or None:
+    the run stopped before it finished learning. Without an evaluation there, no claim is made."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        evals = [r for r in map(json.loads, filter(str.strip, f)) if "accuracy" in r and not r.get("final")]
+    earlier = [r for r in evals if 0.6 * step <= r["step"] <= 0.8 * step]
+    if not earlier or final_accuracy - earlier[-1]["accuracy"] <= margin:
+        return None
+    r = earlier[-1]
+    return (f"note: validation accuracy was still climbing ({r['accuracy']:.3f} at step {r['step']}, "
+            f"{final_accuracy:.3f} at {step}): a longer run will likely do better, e.g. --epochs={2 * epochs:g} "
+            f"or --max_iters={2 * step} in a new --out_dir")
+
+
 def save(step, train_s):
     """Checkpoint (atomic): model, optimizer, step, the RNG states of every process, settings, and
     the seconds of training and of wall time so far (a resumed run's train_s and wall_s go on from there)."""
@@ -504,6 +542,7 @@ flops_per_token = 3 * casa.flops_per_text_token(config, max(1, round(per_image))
 log(f"matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({dtype}); {flops_per_token / 1e6:.2f} MFLOP per "
     f"trained text token; {world_size} process(es) x batch {batch_size} x {grad_accum} micro-steps; device {device}")
 
+sample_weights = train_data.kind_weights() if balance_kinds else None
 stop_requested = False
 if not ddp:  # Ctrl-C: finish the current step, write a checkpoint, stop (a second Ctrl-C kills)
     def on_sigint(signum, frame):
@@ -521,7 +560,7 @@ while step < max_iters:
         g["lr"] = g["base_lr"] * frac
     loss_accum, tokens = 0.0, 0
     for micro in range(grad_accum):
-        idx, targets, images = train_data.get_batch(batch_size, data_rng)
+        idx, targets, images = train_data.get_batch(batch_size, data_rng, sample_weights)
         tokens += text_tokens(targets)
         idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         images = None if images is None else images.to(device, non_blocking=True)
@@ -573,6 +612,9 @@ elif master:
     print(line)
     write_log({"step": step, "final": True, "train_s": round(t_final - t_loop - eval_s, 2), **m, "summary": line,
                "wall_s": round(walled_s + time.time() - t_start, 1)})
+    climbing = still_climbing(m["accuracy"], step)
+    if climbing:
+        print(climbing)
 if ddp:
     dist.barrier()
     dist.destroy_process_group()

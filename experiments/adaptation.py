@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.accuracy import BUDGET, jobs_for  # noqa: E402
-from experiments.runs import is_default, markdown_table, mean_spread, run_all, write_result  # noqa: E402
+from experiments.runs import RECIPE_2025, is_default, markdown_table, mean_spread, run_all, write_result  # noqa: E402
 
 SETTINGS = {  # row name -> --freeze
     "adapted: CA + last vision block": "vision_but_last,text",
@@ -46,7 +46,7 @@ def main():
             tag = freeze.replace(",", "+")
             for seed in seeds:
                 settings = dict(init_from=f"runs/accuracy/{task}/insertion-s{seed}/ckpt.pt", variant="ca",
-                                freeze=freeze, dataset=task, seed=seed, **BUDGET)
+                                freeze=freeze, dataset=task, seed=seed, **BUDGET, **RECIPE_2025)
                 jobs.append((f"runs/adaptation/{task}/{tag}-s{seed}", settings))
     adapted = run_all(jobs, args.jobs, args.threads)
 

@@ -17,7 +17,7 @@ TINY_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 22
 # a model small enough that a few steps take well under a second
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--n_vis_layer=2", "--n_vis_head=2", "--n_vis_embd=32",
               "--image_size=16", "--patch_size=8", "--batch_size=4", "--warmup_iters=2", "--log_interval=1",
-              "--eval_items=0", "--num_show=2"]
+              "--eval_items=0", "--num_show=2", "--vision_pretrain_iters=0"]
 
 
 def write_tiny_dataset(folder, n_train=18, n_val=6):

@@ -81,7 +81,7 @@ def test_a_patch_size_for_every_task_changes_only_the_patch_size():
     own = dict(accuracy.jobs_for(["shapes", "charts"], ["ca", "blind"], [2], budget, root))
     p8 = dict(accuracy.jobs_for(["shapes", "charts"], ["ca", "blind"], [2], budget, root + "-p8", patch_size=8))
     assert [d.replace(root, root + "-p8") for d in own] == list(p8)
-    assert own[f"{root}/charts/ca-s2"]["patch_size"] == 16 and "patch_size" not in own[f"{root}/shapes/ca-s2"]
+    assert own[f"{root}/charts/ca-s2"]["patch_size"] == 16 and own[f"{root}/shapes/ca-s2"]["patch_size"] == 8
     for (d, s), s8 in zip(own.items(), p8.values()):
         assert s8["patch_size"] == 8 and {k: v for k, v in s8.items() if k != "patch_size"} == \
             {k: v for k, v in s.items() if k != "patch_size"}

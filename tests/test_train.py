@@ -113,8 +113,9 @@ def test_vision_pretraining_trains_the_encoder_only(data, tmp_path):
     """Stage 1 (--vision_pretrain_iters): the encoder learns to redraw the training images, nothing
     else moves. Against the same run without it (same seed, no VLM steps): every vision tensor
     differs, every other tensor is bit-identical; the log has its reconstruction records."""
-    train(data, tmp_path / "plain", "--max_iters=0")
-    train(data, tmp_path / "stage1", "--max_iters=0", "--vision_pretrain_iters=12")
+    no_steps = ["--max_iters=0", "--epochs=0", "--min_iters=0"]  # a budget of 0 VLM steps
+    train(data, tmp_path / "plain", *no_steps)
+    train(data, tmp_path / "stage1", *no_steps, "--vision_pretrain_iters=12")
     plain, stage1 = load(tmp_path / "plain" / "ckpt.pt")["model"], load(tmp_path / "stage1" / "ckpt.pt")["model"]
     for k in plain:
         if k.startswith("vision."):
@@ -186,3 +187,21 @@ def test_blind_baseline_runs_and_is_marked(data, tmp_path):
     # that the images are blank is test_loader's (a 3-step model answers alike with or without them)
     assert [x for x in read_log(tmp_path) if x.get("final")][-1]["n_answers"] == 8
     assert load(tmp_path / "ckpt.pt")["train_args"]["blind"] is True
+
+
+def test_budget_and_image_size_follow_the_data(data, tmp_path):
+    # max_iters=0: `epochs` passes over the 18 training samples at 4 a step, at least min_iters steps;
+    # image_size=0: the images' size (20 px) rounded down to a multiple of 16, at least 32; patch 1/4 of it.
+    # Balanced sampling on, to run through it.
+    # The vision stage (-1): a fifth of the steps.
+    r = train(data, tmp_path, "--max_iters=0", "--epochs=1", "--min_iters=2", "--image_size=0", "--patch_size=0",
+              "--balance_kinds=True", "--vision_pretrain_iters=-1", "--eval_interval=100")
+    assert "budget: 5 steps of 4 samples = 1.1 passes" in r.stdout, r.stdout
+    assert "stage 1: 1 steps of label-free vision pretraining" in r.stdout
+    assert "images: 20 px -> image_size 32, patch_size 8: 16 tokens per image" in r.stdout, r.stdout
+    ck = load(tmp_path / "ckpt.pt")
+    assert ck["step"] == 5 and ck["train_args"]["max_iters"] == 5  # saved resolved: a resume keeps them
+    assert ck["train_args"]["vision_pretrain_iters"] == 1 and [x["step"] for x in read_log(tmp_path) if x.get("stage")] == [1]
+    assert ck["config"]["image_size"] == 32 and ck["train_args"]["patch_size"] == 8
+    r = train(data, tmp_path / "b", "--max_iters=0", "--epochs=1", "--min_iters=7", "--eval_interval=100")
+    assert "budget: 7 steps" in r.stdout and load(tmp_path / "b" / "ckpt.pt")["step"] == 7
