@@ -59,7 +59,7 @@ def grid_of(panels, cols):
 
 def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (one frame each)", line_key="variant"):
     """Side-by-side panels, one per (record key, axis label, scale); x_key on x, one line per
-    value of line_key. The y axis stops a little above the 99th percentile (points above it are
+    value of line_key; saved to path (if given) and returned. The y axis stops a little above the 99th percentile (points above it are
     drawn at the top, and counted in the label), so rare spikes do not flatten everything else."""
     small, big = font(14), font(18)
     W, H, pad_l, pad_r, pad_t, pad_b = 700 * len(panels), 560, 90, 30, 70, 70
@@ -103,7 +103,9 @@ def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (on
                 ly = y0 + 14 + 20 * i
                 d.line([(x0 + 12, ly), (x0 + 40, ly)], fill=COLORS.get(name, (0, 0, 0)), width=3)
                 d.text((x0 + 46, ly), name, fill="black", font=small, anchor="lm")
-    img.save(path)
+    if path:
+        img.save(path)
+    return img
 
 
 def accuracy_panels(curves, tasks, models, path):
