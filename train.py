@@ -149,6 +149,7 @@ if asked["resume"]:
              "with the model it was made with: drop those settings, or start a fresh run in another --out_dir")
     saved = {k: v for k, v in ckpt["train_args"].items()
              if k in SETTINGS and k not in ("resume", "out_dir", "device", "compile")}
+    saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
 elif asked["init_from"]:
     _, src = read_checkpoint(asked["init_from"], "--init_from")
     sizes = src["config"]
