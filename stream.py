@@ -175,6 +175,11 @@ def load_frames(args, image_size, folder=None, clip=None, index=None):
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {args.frames}")
         frames = [casa.load_image(os.path.join(args.frames, f), image_size) for f in names]
         return torch.stack(frames), [args.prompt] * len(frames), None, args.fps or 2.0, args.frames
+    if "images" not in clip:  # the one-image shorthand line (shapes, most own data): a clip of one frame,
+        # asked its own question (the image goes first, as in training)
+        prompt = clip["prompt"] if casa.IMAGE in clip["prompt"] else casa.IMAGE + clip["prompt"]
+        return (casa.load_image(os.path.join(folder, clip["image"]), image_size)[None], [prompt], [clip["answer"]],
+                args.fps or 2.0, f"{folder}/val.jsonl line {index + 1} ({clip.get('task', '?')}, one image)")
     frames = torch.stack([casa.load_image(os.path.join(folder, p), image_size) for p in clip["images"]])
     turns = clip.get("turns", [])
     refs = [t["answer"] for t in turns] if len(turns) == len(frames) else None

@@ -198,6 +198,29 @@ def test_live_captioning_clip(tmp_path, capsys, saved):
     assert len(lines) == 3 and "[ref: line 2]" in lines[2]
 
 
+def test_live_captioning_single_image_lines(tmp_path, capsys):
+    """A dataset in the one-image shorthand form (shapes, most own data): each line streams as a clip
+    of one frame asked its own question, and the comment is what greedy generation answers to
+    <|image|> + that question, computed here without stream.py."""
+    data = tmp_path / "shapes"
+    names = write_frames(data / "images", 2)
+    lines = [{"image": f"images/{n}", "prompt": "what color?", "answer": "red", "task": "t"} for n in names]
+    (data / "val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ckpt = tmp_path / "ckpt.pt"
+    tiny_checkpoint(ckpt, dataset_dir=str(data))
+    stream.main(["--ckpt", str(ckpt), "--clip", "0-1", "--no_wait", "--max_new_tokens", "4", "--device", "cpu"])
+    said = [line.split(" | ", 3)[3] for line in capsys.readouterr().out.splitlines() if FRAME_LINE.match(line)]
+    assert len(said) == 2 and all(s.endswith("[ref: red]") for s in said), said
+    model, _ = casa.load_checkpoint(str(ckpt))
+    tok = casa.get_tokenizer()
+    ids, _ = casa.encode_turn(tok, casa.IMAGE + "what color?")
+    image = casa.load_image(data / "images" / names[1], model.config.image_size)[None]
+    out = model.eval().generate(torch.tensor([ids]), image, max_new_tokens=4, temperature=0,
+                                stop_token=tok.eot_token)[0, len(ids):].tolist()
+    expected = tok.decode([t for t in out if t != tok.eot_token])
+    assert said[1].split("   [ref:")[0].strip() == expected.strip()
+
+
 def test_live_captioning_scores_several_clips(tmp_path, capsys):
     """--clip 0-1: each clip its own stream, every comment compared with its reference. The first
     pass records what the model says; clip 0's references are then set to exactly that, so the
