@@ -106,7 +106,7 @@ def main():
     panels = [("all", "all questions", 1)] + [(k, k, 1) for k in header_kinds]
     title = f"{short_name(datasets[0])}: accuracy by question kind along training"
     rows_of_panels = [line_panels(points, None, panels[i:i + 3], title=title if i == 0 else "", x_key="step",
-                                  x_label="step", line_key="model") for i in range(0, len(panels), 3)]
+                                  x_label="step", line_key="model", y_top=1) for i in range(0, len(panels), 3)]
     grid_of(rows_of_panels, 1).save(picture)
     print(f"(picture: {os.path.relpath(picture, ROOT)})")
 

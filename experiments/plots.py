@@ -57,10 +57,12 @@ def grid_of(panels, cols):
     return sheet
 
 
-def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (one frame each)", line_key="variant"):
+def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (one frame each)", line_key="variant",
+                y_top=None):
     """Side-by-side panels, one per (record key, axis label, scale); x_key on x, one line per
     value of line_key; saved to path (if given) and returned. The y axis stops a little above the 99th percentile (points above it are
-    drawn at the top, and counted in the label), so rare spikes do not flatten everything else."""
+    drawn at the top, and counted in the label), so rare spikes do not flatten everything else;
+    y_top fixes it instead (1 for accuracies)."""
     small, big = font(14), font(18)
     W, H, pad_l, pad_r, pad_t, pad_b = 700 * len(panels), 560, 90, 30, 70, 70
     img = Image.new("RGB", (W, H), "white")
@@ -73,8 +75,8 @@ def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (on
         x1, y0, y1 = x0 + panel_w, pad_t, H - pad_b
         xs = [r[x_key] for r in records]
         values = sorted(r[key] * scale for r in records)
-        top = min(values[-1], 1.3 * values[int(0.99 * (len(values) - 1))])
-        tx, ty = nice_ticks(0, max(xs) + 1), nice_ticks(0, top * 1.05)
+        top = y_top or min(values[-1], 1.3 * values[int(0.99 * (len(values) - 1))])
+        tx, ty = nice_ticks(0, max(xs) + 1), nice_ticks(0, top if y_top else top * 1.05)
         n_clipped = sum(v > ty[-1] for v in values)
         if n_clipped:
             label += f"; {n_clipped} spikes above {ty[-1]:g} cut"

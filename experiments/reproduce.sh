@@ -22,6 +22,7 @@ step python stream.py --compare=runs/video/ca-s1/ckpt.pt,runs/video/insertion-s1
 step python experiments/video.py --bounded=runs/video/ca-s1/ckpt.pt --sink_tokens=4 --recent_tokens=16,32,64,128,256,0
 step python experiments/accuracy.py --tasks=shapes
 step python experiments/adaptation.py
+step python experiments/own_data.py
 step python experiments/attention.py
 step python stream.py --bench --json runs/stream.json --png docs/stream.png
 echo "=== all done in $(( SECONDS / 60 )) min"
