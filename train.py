@@ -1,7 +1,7 @@
 """
 Train a CASA vision-language model. One flat loop, in nanoGPT's manner.
 
-    python train.py                                   # ca on the shapes task, ~2 min on 2 CPU cores
+    python train.py                                   # ca on the shapes task, a few minutes on 2 CPU cores
     python train.py --variant=insertion --n_layer=6   # any setting below as --name=value
     python train.py --dataset=path/to/folder          # your own data: image size, budget and stages follow it
     python train.py --blind=True                      # blank images: the blind baseline
