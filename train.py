@@ -242,6 +242,9 @@ tokenizer = train_data.tokenizer
 log(f"dataset {data_dir}: {len(train_data)} train / {len(val_data)} val samples, tasks: "
     f"{', '.join(t or '-' for t in val_data.tasks)}{' (BLIND: images blanked)' if blind else ''} "
     f"[{time.time() - t0:.1f}s]")
+if epochs < 0 or min_iters < 0 or vision_pretrain_iters < -1:
+    fail(f"--epochs, --min_iters must be >= 0 and --vision_pretrain_iters >= -1 (-1: a fifth of the budget); got "
+         f"{epochs:g}, {min_iters}, {vision_pretrain_iters}")
 if max_iters == 0:  # the budget follows the data: passes over the training samples
     per_step = batch_size * grad_accum * world_size
     max_iters = args["max_iters"] = max(min_iters, math.ceil(epochs * len(train_data) / per_step))

@@ -205,3 +205,6 @@ def test_budget_and_image_size_follow_the_data(data, tmp_path):
     assert ck["config"]["image_size"] == 32 and ck["train_args"]["patch_size"] == 8
     r = train(data, tmp_path / "b", "--max_iters=0", "--epochs=1", "--min_iters=7", "--eval_interval=100")
     assert "budget: 7 steps" in r.stdout and load(tmp_path / "b" / "ckpt.pt")["step"] == 7
+    r = train(data, tmp_path / "c", "--max_iters=0", "--epochs=-1", check=False)
+    assert r.returncode != 0 and "--epochs, --min_iters must be >= 0" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "c" / "ckpt.pt").exists()
