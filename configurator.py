@@ -1,6 +1,11 @@
 """
-The command line of train.py, sample.py and stream.py (after nanoGPT's configurator.py): a script's
-settings are plain values with defaults, and the command line overrides them by name.
+The command line of every script (after nanoGPT's configurator.py). A script's settings are its
+module globals with plain values, written at the top with their defaults and a comment each:
+
+    steps = 500  # optimizer steps
+    dataset = "shapes"
+
+and configurator.apply(globals()) lets the command line override them by name:
 
     --name=value   strings as written; numbers and booleans as Python literals (3, 1e-3, True)
     --name value   the same, as two arguments
@@ -14,6 +19,26 @@ whose default is None takes a boolean). A mistake ends the script with one line 
 import ast
 import difflib
 import sys
+
+
+def settings(scope):
+    """{name: value} of a script's settings: the globals in `scope` with a lowercase name (no leading
+    underscore) and a plain value (bool, int, float, str or None)."""
+    return {k: v for k, v in scope.items() if not k.startswith("_") and k.islower()
+            and isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def apply(scope, argv=None, doc=None):
+    """Override the settings in `scope` (a script's globals()) from argv (default: sys.argv[1:]);
+    returns {name: value} of those the command line set. Each call starts again from the defaults
+    (kept at the first call), so a script's main(argv) can run more than once in one process."""
+    if "_default_settings" not in scope:
+        scope["_default_settings"] = settings(scope)
+    defaults = scope["_default_settings"]
+    scope.update(defaults)
+    cli = parse(sys.argv[1:] if argv is None else argv, defaults, scope.get("__doc__", "") if doc is None else doc)
+    scope.update(cli)
+    return cli
 
 
 def parse(argv, defaults, doc=""):

@@ -36,9 +36,7 @@ dataset = ""  # validation samples from this dataset instead of the checkpoint's
 split = "val"
 device = "auto"
 # -----------------------------------------------------------------------------
-SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
-            and isinstance(v, (bool, int, float, str))}
-globals().update(configurator.parse(sys.argv[1:], SETTINGS, __doc__))
+configurator.apply(globals())
 
 device = casa.pick_device(device)
 torch.manual_seed(seed)

@@ -90,8 +90,7 @@ num_show = 6  # validation samples printed at the end
 device = "auto"  # auto: cuda, then mps, then cpu
 compile = None  # torch.compile; None: on for CUDA only
 # -----------------------------------------------------------------------------
-SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and k.islower()
-            and isinstance(v, (bool, int, float, str, type(None)))]
+SETTINGS = list(configurator.settings(globals()))
 MODEL_KEYS = ["variant", "n_layer", "n_head", "n_embd", "block_size", "image_size", "patch_size",
               "n_vis_layer", "n_vis_head", "n_vis_embd", "dropout", "init_std"]
 

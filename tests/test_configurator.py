@@ -60,3 +60,16 @@ def test_help_prints_the_docstring_and_the_defaults(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("Train a model.") and "--n_layer=4" in out and "--out_dir='out'" in out
+
+
+def test_apply_sets_a_scripts_globals_and_starts_from_the_defaults_each_call():
+    import math  # a module global that is not a setting
+    scope = dict(__doc__="doc", math=math, steps=500, lr=1e-3, name="a", _private=1, HERE="/x", flag=None)
+    assert configurator.settings(scope) == dict(steps=500, lr=1e-3, name="a", flag=None)
+    assert configurator.apply(scope, ["--steps=7", "--flag"]) == dict(steps=7, flag=True)
+    assert (scope["steps"], scope["lr"], scope["flag"]) == (7, 1e-3, True)
+    # a second call (a test running main(argv) twice) does not inherit the first call's values
+    assert configurator.apply(scope, ["--lr=3"]) == dict(lr=3.0)
+    assert (scope["steps"], scope["lr"], scope["flag"]) == (500, 3.0, None)
+    with pytest.raises(SystemExit):
+        configurator.apply(scope, ["--HERE=/y"])  # not a setting
