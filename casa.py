@@ -13,7 +13,7 @@ casa.py: a small vision-language model with every fusion design of the CASA pape
   ca_tv      "CASA" / CA^{t+v}: the CA layer's keys are the image AND the text of the current window,
              in one softmax: the self-attention of insertion, restricted to a local window.
 
-plus the paper's ladder from CA to insertion (D1-D4), each one switch in VARIANTS below.
+plus the paper's ladder from CA to insertion (D1-D5), each one switch in VARIANTS below.
 
 Reading order, each part using only what is above it or passed in: tokenizer, building blocks
 (norm, RoPE, attention, MLP), vision encoder, config (the variants), the KV cache, the layout of
@@ -102,8 +102,6 @@ class Attention(nn.Module):
         self.q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
         self.o = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # record attention probabilities (for attention_mass); None = off
-        self.record = None
 
     def heads(self, x):  # (B, T, C) -> (B, H, T, D)
         B, T, C = x.shape
@@ -116,17 +114,9 @@ class Attention(nn.Module):
         k, v = self.kv(x).chunk(2, dim=-1)
         return self.heads(k), self.heads(v)
 
-    def attend(self, q, k, v, mask, key_is_image=None):
-        """Like attend(); when recording, the same result by an explicit softmax, kept for analysis."""
-        if self.record is None:
-            return attend(q, k, v, mask)
-        Tq, Tk = q.size(2), k.size(2)
-        if mask is None:
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()[None]
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-        probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
-        self.record.append((probs.detach(), mask, key_is_image))
-        return probs @ v
+    def attend(self, q, k, v, mask):
+        """attend() (a method so that attention_mass can swap in a recording copy per layer)."""
+        return attend(q, k, v, mask)
 
     def merge(self, y):  # (B, H, T, D) -> (B, T, C) through the output projection
         B, H, T, D = y.shape
@@ -205,25 +195,6 @@ class VisionEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.ln_out(self.proj(self.ln_f(x)))  # (M, N, n_embd)
-
-
-class ImageDecoder(nn.Module):
-    """Redraws images from the encoder's tokens: one bidirectional block over the tokens, then an MLP
-    that turns each token into the pixels of its patch. Not part of the VLM: train.py's stage 1
-    (vision_pretrain_iters) trains the encoder through it, label-free, as a stand-in for the
-    pretrained encoder the paper starts from."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.grid, self.patch = config.image_size // config.patch_size, config.patch_size
-        C = config.n_embd
-        self.block = VisionBlock(C, config.n_head)
-        self.to_pixels = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, 3 * config.patch_size**2))
-
-    def forward(self, tokens):  # (M, N, n_embd) -> (M, 3, S, S), on the encoder's input scale [-1, 1]
-        M, g, p = tokens.size(0), self.grid, self.patch
-        x = self.to_pixels(self.block(tokens))  # (M, N, p*p*3): token r*g + c is patch (r, c)
-        return x.view(M, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(M, 3, g * p, g * p)
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +294,6 @@ class KVStore:
         k[i], v[i]   (B, H, capacity, D)  for each layer i in `layers` (model layer indices)
         pos          (B, capacity)        position of the slot (for CA image slots: its window)
         valid        (B, capacity)        False: padding of a shorter row, or dropped
-        is_image     (B, capacity)        an image token (insertion's stream holds both kinds)
 
     Slots [0, length) are filled. One forward call: begin(n) makes room for n new slots in every
     layer at once, each layer then writes its own (write(i, k, v)), in any order, and commit() records
@@ -338,7 +308,6 @@ class KVStore:
         self.k, self.v = {}, {}
         self.pos = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
-        self.is_image = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
         self.length = 0  # slots filled
         self.n_new = 0  # slots the current call writes
 
@@ -364,7 +333,6 @@ class KVStore:
         if grow > 0:
             self.pos = torch.cat([self.pos, self.pos.new_zeros(B, grow)], dim=1)
             self.valid = torch.cat([self.valid, self.valid.new_zeros(B, grow)], dim=1)
-            self.is_image = torch.cat([self.is_image, self.is_image.new_zeros(B, grow)], dim=1)
 
     def write(self, i, k, v):
         """Layer i's new keys/values k, v (B, H, n_new, D) -> all of layer i's (B, H, length + n_new, D)."""
@@ -373,12 +341,12 @@ class KVStore:
         self.v[i][:, :, self.length : end] = v
         return self.k[i][:, :, :end], self.v[i][:, :, :end]
 
-    def commit(self, pos, valid, is_image):
+    def commit(self, pos, valid):
         """After every layer wrote: the new slots' flags, each (B, n_new)."""
         if not self.layers:
             return
         new = slice(self.length, self.length + self.n_new)
-        self.pos[:, new], self.valid[:, new], self.is_image[:, new] = pos, valid, is_image
+        self.pos[:, new], self.valid[:, new] = pos, valid
         self.length += self.n_new
         self.n_new = 0
 
@@ -402,9 +370,8 @@ class KVStore:
         for store in (self.k, self.v):
             for i in store:
                 store[i][:, :, : self.length] = store[i][:, :, : self.length].gather(2, idx)
-        for name in ("pos", "valid", "is_image"):
-            flags = valid if name == "valid" else getattr(self, name)[:, : self.length]
-            getattr(self, name)[:, : self.length] = flags.gather(1, order)
+        self.pos[:, : self.length] = self.pos[:, : self.length].gather(1, order)
+        self.valid[:, : self.length] = valid.gather(1, order)
         self.length = int(valid.sum(1).max())
 
     def entries(self):
@@ -482,7 +449,7 @@ class Cache:
 
     def commit(self, layout):
         """After the call: record the new slots' flags, drop what the variant does not keep."""
-        self.sa.commit(layout.pos, layout.valid, layout.is_image)
+        self.sa.commit(layout.pos, layout.valid)
         keep = self.sa.valid[:, : self.sa.length]  # drops insertion's padding of shorter rows
         if self.recent_tokens is not None:  # evict the middle: keep the sinks and the recent tokens
             rank = keep.cumsum(1) - 1  # (B, S) rank among each row's valid slots
@@ -494,12 +461,12 @@ class Cache:
         still_open = layout.last_win == self.window  # (B,) the row's old window goes on
         old = self.ca_text.length
         in_last = layout.win == layout.last_win[:, None]  # (B, T)
-        self.ca_text.commit(layout.pos, in_last, torch.zeros_like(in_last))
+        self.ca_text.commit(layout.pos, in_last)
         keep = torch.ones(self.batch_size, self.ca_text.length, dtype=torch.bool, device=still_open.device)
         keep[:, :old] = still_open[:, None]
         self.ca_text.keep(keep)
         # images: one slot of N per new image; without D5 only each row's newest stays
-        self.ca_image.commit(layout.slot_win, layout.slot_ok, torch.ones_like(layout.slot_ok))
+        self.ca_image.commit(layout.slot_win, layout.slot_ok)
         if not self.config.ca_all_images:
             self.ca_image.keep(self.ca_image.pos[:, : self.ca_image.length] == layout.last_win[:, None])
         self.window = layout.last_win
@@ -539,7 +506,6 @@ class Layout:
     is_image: torch.Tensor  # (B, L) True on image tokens in the stream (insertion only)
     text_idx: torch.Tensor  # (B, T) where each text token sits in the stream (arange(T) but insertion)
     sa_mask: torch.Tensor | None  # (B, L, S + L) keys each query sees in self-attention; None = causal
-    sa_key_is_image: torch.Tensor  # (B, S + L) which self-attention keys are image tokens
     win: torch.Tensor  # (B, T) window of each text token
     last_win: torch.Tensor  # (B,) the window each row ends in
     image_slot: torch.Tensor  # (B, W) index into the M new images of the row's w-th new one, or -1
@@ -575,11 +541,9 @@ def make_layout(config, idx, is_marker, n_image_tokens, cache):
     # self-attention: cached slots, then the new tokens causally (padding hidden)
     if cache is not None:
         sa_mask = cache.sa.mask(pos, valid)
-        sa_key_is_image = torch.cat([cache.sa.is_image[:, : cache.sa.length], is_image], dim=1)
     else:
         causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
         sa_mask = None if bool(valid.all()) else causal[None] & valid[:, None, :]
-        sa_key_is_image = is_image
 
     # windows, and the image slots: the new images in reading order, one slot of N keys per window
     w0 = cache.window if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
@@ -608,9 +572,9 @@ def make_layout(config, idx, is_marker, n_image_tokens, cache):
             parts.insert(1, cached)
         ca_mask = torch.cat(parts, dim=2)
     has_images = N > 0 or (cache is not None and cache.ca_image.length > 0)
-    return Layout(pos=pos, valid=valid, is_image=is_image, text_idx=text_idx, sa_mask=sa_mask,
-                  sa_key_is_image=sa_key_is_image, win=win, last_win=last_win, image_slot=image_slot,
-                  slot_win=slot_win, slot_ok=slot_ok, image_pos=pos.gather(1, text_idx)[is_marker],
+    return Layout(pos=pos, valid=valid, is_image=is_image, text_idx=text_idx, sa_mask=sa_mask, win=win,
+                  last_win=last_win, image_slot=image_slot, slot_win=slot_win, slot_ok=slot_ok,
+                  image_pos=pos.gather(1, text_idx)[is_marker],
                   ca_mask=ca_mask, run_ca=has_images or config.ca_text_keys)
 
 
@@ -677,7 +641,7 @@ class Block(nn.Module):
             q, k = rope(q_raw, layout.pos, self.inv_freq), rope(k, layout.pos, self.inv_freq)
             if cache is not None:  # write the new K/V, attend over everything cached
                 k, v = cache.sa.write(self.layer_idx, k, v)
-            y = self.sa.attend(q, k, v, layout.sa_mask, layout.sa_key_is_image)
+            y = self.sa.attend(q, k, v, layout.sa_mask)
             if self.shared and layout.run_ca:  # D1: CA reuses q (unrotated: no positions in CA),
                 y = y + self.cross_attend(x, img, layout, cache, q=q_raw)  # the k/v weights and o
             out = self.sa.merge(y)
@@ -707,15 +671,28 @@ class Block(nn.Module):
         k, v = to_slots(k, layout.image_slot), to_slots(v, layout.image_slot)  # (B, H, W*N, D)
         if cache is not None:  # images cached by earlier calls come first
             k, v = cache.ca_image.write(self.layer_idx, k, v)
-        key_is_image = None
         if self.ca_text_keys:  # the window's text joins the keys, in the same softmax
             kt, vt = attn.project_kv(h)
             kt = rope(kt, layout.pos, self.inv_freq)
             if cache is not None:
                 kt, vt = cache.ca_text.write(self.layer_idx, kt, vt)
-            key_is_image = torch.arange(k.size(2) + kt.size(2), device=x.device) < k.size(2)
             k, v = torch.cat([k, kt], dim=2), torch.cat([v, vt], dim=2)
-        return attn.attend(q, k, v, layout.ca_mask, key_is_image)
+        return attn.attend(q, k, v, layout.ca_mask)
+
+
+# -----------------------------------------------------------------------------
+# Sampling: the next token from the last position's logits
+
+
+def sample(logits, temperature=1.0, top_k=None):
+    """logits (B, V) -> token ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
 
 # -----------------------------------------------------------------------------
@@ -886,17 +863,6 @@ class VLM(nn.Module):
             logits, _ = self(next_id, cache=cache)
             if stop_token is not None and bool(done.all()):
                 return
-
-
-def sample(logits, temperature=1.0, top_k=None):
-    """logits (B, V) -> token ids (B, 1)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
 
 # -----------------------------------------------------------------------------
@@ -1086,7 +1052,10 @@ def attention_mass(model, idx, images):
     """Where text attention goes, in the layers whose softmax holds both text and image keys
     (ca_tv's CA layers: the "implicit gate"; insertion's SA layers). For each such layer and head:
     the share of attention that text queries (those that can see an image) give to image keys; the
-    rest goes to text keys. Returns a (n_layers, n_head) tensor; rows follow the layers in order."""
+    rest goes to text keys. Returns a (n_layers, n_head) tensor; rows follow the layers in order.
+
+    One forward pass (no cache) with each such layer's attend() swapped, for this call only, for a
+    copy that computes the same result by an explicit softmax and keeps the probabilities."""
     config = model.config
     if config.insert_images:
         attns = [b.sa for b in model.blocks]
@@ -1095,23 +1064,40 @@ def attention_mass(model, idx, images):
     else:
         raise ValueError(f"variant {config.variant!r} never puts text and image keys in one softmax; "
                          "attention_mass is defined for 'ca_tv' and 'insertion'")
+    records = {}  # attention layer -> (probs (B, H, Tq, Tk), mask (B, Tq, Tk))
+
+    def recording(a):
+        def attend_and_record(q, k, v, mask):
+            Tq, Tk = q.size(2), k.size(2)
+            if mask is None:
+                mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()[None]
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+            probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+            records[a] = (probs, mask)
+            return probs @ v
+        return attend_and_record
+
     for a in attns:
-        a.record = []
+        a.attend = recording(a)  # an instance attribute: shadows the method
     try:
         model(idx, images)
-        shares = []
-        for a in attns:
-            probs, mask, key_is_image = a.record[0]  # (B, H, Tq, Tk), (B, Tq, Tk), (B, Tk) or (Tk,)
-            B, H, Tq, Tk = probs.shape
-            key_is_image = key_is_image.expand(B, Tk)
-            sees_image = (mask & key_is_image[:, None, :]).any(-1)  # (B, Tq)
-            if config.insert_images:  # queries are the stream: keep real text tokens only
-                is_self = torch.eye(Tq, dtype=torch.bool, device=mask.device)[None]
-                sees_image &= ~key_is_image & (mask & is_self).any(-1)
-            to_image = (probs * key_is_image[:, None, None, :]).sum(-1)  # (B, H, Tq)
-            w = sees_image[:, None, :].float()
-            shares.append((to_image * w).sum((0, 2)) / w.sum((0, 2)).clamp(min=1))
-        return torch.stack(shares)
     finally:
         for a in attns:
-            a.record = None
+            del a.attend
+    shares = []
+    for a in attns:
+        probs, mask = records[a]
+        B, H, Tq, Tk = probs.shape
+        if config.insert_images:  # the keys are the stream: its image tokens, from the call's layout
+            n_image_tokens = config.n_image_tokens if images is not None else 0
+            key_is_image = make_layout(config, idx, idx == model.image_id, n_image_tokens, None).is_image
+        else:  # ca_tv's keys: the window's image slots, then its Tq text tokens
+            key_is_image = (torch.arange(Tk, device=probs.device) < Tk - Tq).expand(B, Tk)
+        sees_image = (mask & key_is_image[:, None, :]).any(-1)  # (B, Tq)
+        if config.insert_images:  # queries are the stream: keep real text tokens only
+            is_self = torch.eye(Tq, dtype=torch.bool, device=mask.device)[None]
+            sees_image &= ~key_is_image & (mask & is_self).any(-1)
+        to_image = (probs * key_is_image[:, None, None, :]).sum(-1)  # (B, H, Tq)
+        w = sees_image[:, None, :].float()
+        shares.append((to_image * w).sum((0, 2)) / w.sum((0, 2)).clamp(min=1))
+    return torch.stack(shares)

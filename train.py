@@ -28,6 +28,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -482,13 +483,32 @@ def format_metrics(m):
     return s
 
 
+class ImageDecoder(nn.Module):
+    """Redraws images from the encoder's tokens: one bidirectional block over the tokens, then an MLP
+    that turns each token into the pixels of its patch. Not part of the VLM: train.py's stage 1
+    (vision_pretrain_iters) trains the encoder through it, label-free, as a stand-in for the
+    pretrained encoder the paper starts from. A training aid, so it lives here, not in casa.py."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.grid, self.patch = config.image_size // config.patch_size, config.patch_size
+        C = config.n_embd
+        self.block = casa.VisionBlock(C, config.n_head)
+        self.to_pixels = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, 3 * config.patch_size**2))
+
+    def forward(self, tokens):  # (M, N, n_embd) -> (M, 3, S, S), on the encoder's input scale [-1, 1]
+        M, g, p = tokens.size(0), self.grid, self.patch
+        x = self.to_pixels(self.block(tokens))  # (M, N, p*p*3): token r*g + c is patch (r, c)
+        return x.view(M, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(M, 3, g * p, g * p)
+
+
 def pretrain_vision(iters):
     """Stage 1: label-free pretraining of the vision encoder on this dataset's training images. The
     paper's models start from a pretrained encoder; here the encoder learns, for `iters` steps, to
-    let a small decoder (casa.ImageDecoder) redraw each image from its tokens, so its tokens hold
+    let a small decoder (ImageDecoder, above) redraw each image from its tokens, so its tokens hold
     where each thing is, its colour and outline before the language model asks about them. The
     decoder is thrown away afterwards; stage 2 (the VLM) starts from the encoder as it is."""
-    decoder = casa.ImageDecoder(config).to(device)
+    decoder = ImageDecoder(config).to(device)
     images = train_data.all_images()  # (K, 3, S, S) uint8, each training image once
     if not len(images):
         log("vision pretraining skipped: the training split has no images")

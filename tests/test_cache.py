@@ -29,8 +29,7 @@ def test_store_returns_everything_written_in_any_layer_order():
             got_k, got_v = store.write(i, k, v)
             torch.testing.assert_close(got_k, torch.cat([k for k, _ in written[i]], dim=2), rtol=0, atol=0)
             torch.testing.assert_close(got_v, torch.cat([v for _, v in written[i]], dim=2), rtol=0, atol=0)
-        store.commit(torch.zeros(B, n, dtype=torch.long), torch.ones(B, n, dtype=torch.bool),
-                     torch.zeros(B, n, dtype=torch.bool))
+        store.commit(torch.zeros(B, n, dtype=torch.long), torch.ones(B, n, dtype=torch.bool))
     total = sum(k.size(2) for k, _ in written[0])
     assert store.length == total and store.entries() == B * total
     assert store.nbytes() == B * total * len(layers) * H * D * 2 * 4  # K and V, float32
@@ -46,8 +45,7 @@ def test_keep_moves_kept_slots_to_the_front_in_order():
     k, v = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
     store.write(1, k, v)
     pos = torch.arange(n).expand(B, n) + 100 * torch.arange(B)[:, None]
-    is_image = torch.rand(B, n) < 0.5
-    store.commit(pos, torch.ones(B, n, dtype=torch.bool), is_image)
+    store.commit(pos, torch.ones(B, n, dtype=torch.bool))
     keep = torch.rand(B, n) < 0.5
     keep[0, :7] = True  # row 0 keeps at least 7: the longest row sets the length
     store.keep(keep)
@@ -57,7 +55,6 @@ def test_keep_moves_kept_slots_to_the_front_in_order():
         m = len(kept)
         assert store.valid[b, :m].all() and not store.valid[b, m : store.length].any()
         assert store.pos[b, :m].tolist() == pos[b, kept].tolist()
-        assert store.is_image[b, :m].tolist() == is_image[b, kept].tolist()
         torch.testing.assert_close(store.k[1][b, :, :m], k[b, :, kept], rtol=0, atol=0)
         torch.testing.assert_close(store.v[1][b, :, :m], v[b, :, kept], rtol=0, atol=0)
     assert store.entries() == int(keep.sum())
@@ -70,5 +67,5 @@ def test_store_without_layers_keeps_nothing():
     assert cache.ca_image.layers == [] and cache.ca_text.layers == [] and cache.sa.layers == [0, 1]
     store = cache.ca_image
     store.begin(5, torch.float32)
-    store.commit(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 5, dtype=torch.bool))
+    store.commit(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool))
     assert store.length == 0 and store.entries() == 0 and store.nbytes() == 0 and store.allocated_bytes() == 0

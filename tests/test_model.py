@@ -1001,9 +1001,9 @@ def test_attention_mass_matches_naive_softmax(variant):
     want = torch.stack([torch.stack(records[li]).mean(0) for li in sorted(records)])
     assert all(len(records[li]) == n_queries for li in records)
     torch.testing.assert_close(got, want, **REF_TOL)
-    # recording is switched off again and the forward is unchanged
-    assert all(getattr(b, "sa", None) is None or b.sa.record is None for b in model.blocks)
-    assert all(getattr(b, "ca", None) is None or b.ca.record is None for b in model.blocks)
+    # the recording copies of attend() are gone again: no instance attribute shadows the method
+    attns = [a for b in model.blocks for a in (getattr(b, "sa", None), getattr(b, "ca", None)) if a is not None]
+    assert all("attend" not in vars(a) for a in attns)
 
 
 @pytest.mark.parametrize("variant", ["ca_tv", "insertion"])
@@ -1074,18 +1074,3 @@ def test_tokenizer_bytes_round_trip_and_specials(monkeypatch):
     assert ids == [257, 104, 105, 258, 121, 111, 256] and n_prompt == 4
 
 
-
-def test_image_decoder_puts_each_token_in_its_patch():
-    """ImageDecoder: token r*g + c becomes the pixels of patch (r, c), channel first. Reference: the
-    decoder's own per-token output, placed patch by patch in a loop."""
-    torch.manual_seed(0)
-    config = casa.Config(n_embd=32, n_head=2, image_size=16, patch_size=4)
-    dec = casa.ImageDecoder(config)
-    tokens = torch.randn(2, 16, 32)
-    out = dec(tokens)
-    per_token = dec.to_pixels(dec.block(tokens))  # (2, 16, 4*4*3)
-    want = torch.zeros(2, 3, 16, 16)
-    for r in range(4):
-        for c in range(4):
-            want[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = per_token[:, 4 * r + c].view(2, 4, 4, 3).permute(0, 3, 1, 2)
-    assert out.shape == (2, 3, 16, 16) and torch.equal(out, want)

@@ -4,9 +4,14 @@ adaptation with frozen groups, two processes under torchrun (gloo on CPU), CASA 
 the blind baseline. Each train.py process costs seconds (importing torch), so one run serves
 several checks where it can: the suite's time is mostly these processes."""
 
+import ast
+import os
+
 import pytest
 import torch
 from conftest import TINY_MODEL, read_log, run, write_tiny_dataset
+
+import casa
 
 
 
@@ -208,3 +213,30 @@ def test_budget_and_image_size_follow_the_data(data, tmp_path):
     r = train(data, tmp_path / "c", "--max_iters=0", "--epochs=-1", check=False)
     assert r.returncode != 0 and "--epochs, --min_iters must be >= 0" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "c" / "ckpt.pt").exists()
+
+
+def train_py_class(name):
+    """One class of train.py, alone: the script trains when imported, so its source is read and only
+    that class definition is run (with the modules train.py imports)."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")) as f:
+        tree = ast.parse(f.read())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    scope = dict(casa=casa, torch=torch, nn=torch.nn)
+    exec(compile(ast.Module([node], type_ignores=[]), "train.py", "exec"), scope)
+    return scope[name]
+
+
+def test_image_decoder_puts_each_token_in_its_patch():
+    """train.py's ImageDecoder (stage 1): token r*g + c becomes the pixels of patch (r, c), channel
+    first. Reference: the decoder's own per-token output, placed patch by patch in a loop."""
+    torch.manual_seed(0)
+    config = casa.Config(n_embd=32, n_head=2, image_size=16, patch_size=4)
+    dec = train_py_class("ImageDecoder")(config)
+    tokens = torch.randn(2, 16, 32)
+    out = dec(tokens)
+    per_token = dec.to_pixels(dec.block(tokens))  # (2, 16, 4*4*3)
+    want = torch.zeros(2, 3, 16, 16)
+    for r in range(4):
+        for c in range(4):
+            want[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = per_token[:, 4 * r + c].view(2, 4, 4, 3).permute(0, 3, 1, 2)
+    assert out.shape == (2, 3, 16, 16) and torch.equal(out, want)
