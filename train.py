@@ -134,6 +134,7 @@ asked = {**{k: globals()[k] for k in SETTINGS}, **cli}  # the defaults with the 
 ckpt_path = os.path.join(asked["out_dir"], "ckpt.pt")
 model = ckpt = src = None
 saved = {}  # resume: the checkpoint's settings
+pretrained = set()  # names of parameters copied from a checkpoint (they get lr_pretrained)
 if asked["resume"]:
     if not os.path.exists(ckpt_path):
         fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
@@ -150,6 +151,7 @@ if asked["resume"]:
     saved = {k: v for k, v in ckpt["train_args"].items()
              if k in SETTINGS and k not in ("resume", "out_dir", "device", "compile")}
     saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
+    pretrained = set(ckpt.get("pretrained", []))
 elif asked["init_from"]:
     _, src = read_checkpoint(asked["init_from"], "--init_from")
     sizes = src["config"]
@@ -266,17 +268,14 @@ try:
     val_data.check_block_size(config.block_size)
 except ValueError as e:
     fail(e)
-pretrained = set()  # names of parameters copied from a checkpoint (they get lr_pretrained)
-if resume:
-    pretrained = set(ckpt.get("pretrained", []))
-elif init_from:
+if init_from and not resume:
     model = casa.VLM(config)
     pretrained = model.copy_weights_from(src["model"])  # CA layers start from the SA weights (the paper)
     new = [n for n, _ in model.named_parameters() if n not in pretrained]
     log(f"init_from {init_from} ({src['config']['variant']} -> {config.variant}): {len(pretrained)} tensors copied, "
         f"{len(new)} new ({', '.join(sorted({n.split('.', 2)[-1] for n in new})) or 'none'})")
     src = None  # free memory
-else:
+elif model is None:
     model = casa.VLM(config)
 
 
@@ -323,16 +322,34 @@ for name, p in trainable:
 groups = [groups[k] for k in sorted(groups)]
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
                               fused=True if device_type == "cuda" else None)
+
+# -----------------------------------------------------------------------------
+# resume: the model's weights and settings came with the checkpoint (above); here the rest of where it
+# stopped: optimizer, step, RNG states, seconds so far, and the log cut back to the checkpoint's step
+# (what the interrupted run logged after it would be logged twice). A fresh run starts a fresh log.
 step, trained_s, walled_s = 0, 0.0, 0.0  # walled_s: wall seconds of the parts before a resume
-if resume:  # where the checkpoint stopped: optimizer, step, RNG, seconds of training so far
+log_path = os.path.join(out_dir, "log.jsonl")
+if resume:
     optimizer.load_state_dict(ckpt["optimizer"])
     for g, g0 in zip(optimizer.param_groups, groups):  # the lrs of this run's settings
         g["base_lr"] = g0["base_lr"]
     step, trained_s = ckpt["step"], ckpt.get("train_s", 0.0)
     walled_s = ckpt.get("wall_s", 0.0)
     set_rng_state(ckpt["rng"])
+    if master:
+        records = []
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        kept = [r for r in records if r.get("stage") == "vision" or r["step"] <= step]
+        with open(log_path + ".tmp", "w") as f:  # then a rename: an interruption here loses nothing
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(log_path + ".tmp", log_path)
     log(f"resumed {ckpt_path} at step {step}")
-ckpt = None  # free memory
+    ckpt = None  # free memory
+elif master:
+    os.makedirs(out_dir, exist_ok=True)
+    open(log_path, "w").close()
 
 n_params = casa.param_counts(model)
 log(f"model {config.variant}: {n_params['total'] / 1e6:.2f}M parameters (vision {n_params['vision'] / 1e6:.2f}M, "
@@ -442,7 +459,7 @@ def show_samples(n):
 
 def write_log(record):
     if master:
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -538,24 +555,10 @@ def pretrain_vision(iters):
 
 # -----------------------------------------------------------------------------
 # training loop
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if step == 0:  # a fresh run starts a fresh log
-        open(os.path.join(out_dir, "log.jsonl"), "w").close()
-    else:  # resumed: drop what the interrupted run logged after its checkpoint, or it would be logged twice
-        log_path = os.path.join(out_dir, "log.jsonl")
-        records = []
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-        kept = [r for r in records if r.get("stage") == "vision" or r["step"] <= step]
-        with open(log_path + ".tmp", "w") as f:  # then a rename: an interruption here loses nothing
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(log_path + ".tmp", log_path)
 # train_s in the log: seconds of training so far (stage 1 and the time before a resume included),
 # evaluations left out
 t_loop, eval_s = time.time() - trained_s, 0.0
-if vision_pretrain_iters and step == 0 and not init_from and not blind:  # a fresh run (a blind one has no images)
+if vision_pretrain_iters and not resume and not init_from and not blind:  # a fresh run (a blind one has no images)
     pretrain_vision(vision_pretrain_iters)
 peak = measure_peak_flops() if master else 0.0
 # FLOPs per text token (forward, from casa; x3 for forward + backward), at this dataset's mean text
