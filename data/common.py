@@ -4,15 +4,17 @@ Shared helpers for the self-made datasets in data/<name>/prepare.py.
 Every dataset is written in the one folder format that users bring their own
 data in (see data/README.md): train.jsonl + val.jsonl + images/, with image
 paths relative to the folder. A prepare script only has to say how to make
-ONE sample from a seeded RNG; everything else (arguments, RNG streams,
-writing files, the summary line) lives here so the four scripts stay short.
+ONE sample from a seeded RNG, and hold its settings (--out, --n_train, --n_val,
+--seed, through configurator.py); everything else (RNG streams, writing files,
+the summary line) lives here so the scripts stay short. Each runs from the
+repo root as a module: python -m data.<name>.prepare
 """
 
-import argparse
 import functools
 import json
 import os
 import random
+import sys
 import time
 
 from PIL import Image, ImageDraw, ImageFont
@@ -107,16 +109,6 @@ def text_mask(text, scale=1):
 # -----------------------------------------------------------------------------
 # running a prepare script
 
-def parse_args(script_file, about, n_train, n_val, argv=None):
-    here = os.path.dirname(os.path.abspath(script_file))
-    p = argparse.ArgumentParser(description=about)
-    p.add_argument("--out", default=here, help="output folder (default: this script's folder)")
-    p.add_argument("--n_train", type=int, default=n_train, help="number of training samples")
-    p.add_argument("--n_val", type=int, default=n_val, help="number of validation samples")
-    p.add_argument("--seed", type=int, default=1337, help="same seed -> byte-identical output")
-    return p.parse_args(argv)
-
-
 def write_dataset(name, make_sample, out, n_train, n_val, seed):
     """make_sample(rng, stem) -> (record, [(relative_path, PIL image), ...]), or a list of records
     that share those images (several questions about one picture, one jsonl line each, as real VQA
@@ -147,10 +139,16 @@ def write_dataset(name, make_sample, out, n_train, n_val, seed):
     return n_lines, n_images
 
 
-def main(name, make_sample, script_file, about, n_train, n_val, argv=None):
-    args = parse_args(script_file, about, n_train, n_val, argv)
+def prepare(name, make_sample, out, n_train, n_val, seed):
+    """A prepare script's work, once configurator has set its settings: write the dataset, say what
+    was written."""
+    if n_train < 0 or n_val < 0:
+        sys.exit(f"error: --n_train and --n_val must be at least 0, got {n_train} and {n_val}")
     t0 = time.time()
-    n_lines, n_images = write_dataset(name, make_sample, args.out, args.n_train, args.n_val, args.seed)
-    what = f"{args.n_train} train / {args.n_val} val samples" if n_lines == args.n_train + args.n_val else \
-        f"{args.n_train} train / {args.n_val} val images, {n_lines} questions"
-    print(f"{name}: wrote {what} ({n_images} images) to {args.out} in {time.time() - t0:.1f}s")
+    try:
+        n_lines, n_images = write_dataset(name, make_sample, out, n_train, n_val, seed)
+    except OSError as e:  # --out not a folder one can write to
+        sys.exit(f"error: cannot write {name} to {out}: {e}")
+    what = f"{n_train} train / {n_val} val samples" if n_lines == n_train + n_val else \
+        f"{n_train} train / {n_val} val images, {n_lines} questions"
+    print(f"{name}: wrote {what} ({n_images} images) to {out} in {time.time() - t0:.1f}s")

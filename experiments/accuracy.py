@@ -4,12 +4,12 @@ same budget on the coarse task (shapes) and the two fine-grained ones (text read
 several seeds each. Reports greedy exact-match accuracy and the validation loss on answer tokens
 (the loss still moves when a hard task's exact-match accuracy is near zero).
 
-    python experiments/accuracy.py                        # 3 tasks x 7 models x 3 seeds (63 runs of 4-7 min on one thread)
-    python experiments/accuracy.py --tasks=shapes --seeds=1   # one column, one seed
-    python experiments/accuracy.py --tasks=text,charts --seeds=1 --max_iters=5000
+    python -m experiments.accuracy                        # 3 tasks x 7 models x 3 seeds (63 runs of 4-7 min on one thread)
+    python -m experiments.accuracy --tasks=shapes --seeds=1   # one column, one seed
+    python -m experiments.accuracy --tasks=text,charts --seeds=1 --max_iters=5000
                                                           # the fine-grained columns: a longer budget, with
                                                           # learning curves (14 runs of ~35 min on one thread)
-    python experiments/accuracy.py --tasks=text --max_iters=10000 --patch_size=16
+    python -m experiments.accuracy --tasks=text --max_iters=10000 --patch_size=16
                                                           # every model with 16 px patches instead of the
                                                           # task's own (text's is 8: 64 tokens of a 64 px
                                                           # image); runs go to runs/accuracy-10000-p16
@@ -20,20 +20,33 @@ an interrupted sweep continues where it stopped. The table is printed and writte
 docs/results/accuracy.md.
 """
 
-import argparse
 import json
 import os
 import re
-import sys
+from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import casa  # noqa: E402
-from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,  # noqa: E402
-                             parse_seeds, predictions, run_all, write_result)
+import casa
+import configurator
+from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,
+                              parse_seeds, predictions, run_all, write_result)
 
 # one budget for every run (train.py's recipe otherwise): 4-7 min each on one CPU thread (text's, with 8 px patches, the longest)
 BUDGET = dict(max_iters=1000, batch_size=32, eval_interval=1000, num_show=0)
 CHANCE = {"shapes": "~0.13", "text": "~0", "charts": "~0.15"}
+
+# -----------------------------------------------------------------------------
+tasks = "shapes,text,charts"
+# ca_all differs from ca only when a sample has several images: on these one-image tasks it is the
+# same model, step for step (same parameters, same seed), so it is left out (see experiments/video.py)
+models = ",".join([*(v for v in casa.VARIANTS if v != "ca_all"), "blind"])
+seeds = "1,2,3"
+max_iters = BUDGET["max_iters"]  # another budget: runs go to runs/accuracy-N, evaluated every N/10 steps
+# patch size for every task and model (0: each task's own); unless it is every task's own, runs go to <runs folder>-pN
+patch_size = 0
+jobs = 2  # runs at once (each on --threads threads)
+threads = 1
+# -----------------------------------------------------------------------------
+DEFAULTS = configurator.settings(globals())  # only a run with these publishes its table (runs.is_default)
 
 
 def long_budget(max_iters):
@@ -99,21 +112,9 @@ def by_question(ckpt_path):
             for q, r in sorted(right.items())}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="shapes,text,charts")
-    # ca_all differs from ca only when a sample has several images: on these one-image tasks it is the
-    # same model, step for step (same parameters, same seed), so it is left out (see experiments/video.py)
-    parser.add_argument("--models", default=",".join([*(v for v in casa.VARIANTS if v != "ca_all"), "blind"]))
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--max_iters", type=int, default=BUDGET["max_iters"],
-                        help="another budget: runs go to runs/accuracy-N, evaluated every N/10 steps along the way")
-    parser.add_argument("--patch_size", type=int, default=0,
-                        help="patch size for every task and model (0: each task's own); unless it is every task's own, "
-                             "runs go to <runs folder>-pN")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+def main(argv=None):
+    configurator.apply(globals(), argv)
+    args = SimpleNamespace(**configurator.settings(globals()))
     tasks, models = args.tasks.split(","), args.models.split(",")
     seeds = parse_seeds(args.seeds)
     budget, root, name = BUDGET, "runs/accuracy", "accuracy"
@@ -175,7 +176,7 @@ def main():
                     q_rows.append([task, model, q, n, f"{acc:.3f}", f"{majority:.3f}"])
         text += (f"\n\nBy question (seed {seeds[0]}'s final models; single letters in the prompt shown as _):\n\n"
                  + markdown_table(["task", "model", "question", "answers", "accuracy", "most common answer's share"], q_rows))
-    write_result(name, text, data, published=is_default(parser, args))
+    write_result(name, text, data, published=is_default(vars(args), DEFAULTS))
 
 
 if __name__ == "__main__":

@@ -9,19 +9,25 @@ block's self-attention, and trains with the backbone frozen, for the same step b
 
 and compares with the insertion model it started from and with CA trained from scratch.
 
-    python experiments/adaptation.py                 # shapes, 3 seeds: ~2.5 min on 2 cores (after accuracy.py)
-    python experiments/adaptation.py --tasks=shapes,charts
+    python -m experiments.adaptation                 # shapes, 3 seeds: ~2.5 min on 2 cores (after accuracy.py)
+    python -m experiments.adaptation --tasks=shapes,charts
 
 Runs go to runs/adaptation/<task>/<setting>-s<seed>/; the table to docs/results/adaptation.md.
 """
 
-import argparse
-import os
-import sys
+from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.accuracy import BUDGET, jobs_for  # noqa: E402
-from experiments.runs import RECIPE_2025, is_default, markdown_table, mean_spread, run_all, write_result  # noqa: E402
+import configurator
+from experiments.accuracy import BUDGET, jobs_for
+from experiments.runs import RECIPE_2025, is_default, markdown_table, mean_spread, parse_seeds, run_all, write_result
+
+# -----------------------------------------------------------------------------
+tasks = "shapes"
+seeds = "1,2,3"
+jobs = 2
+threads = 1
+# -----------------------------------------------------------------------------
+DEFAULTS = configurator.settings(globals())  # only a run with these publishes its table (runs.is_default)
 
 SETTINGS = {  # row name -> --freeze
     "adapted: CA + last vision block": "vision_but_last,text",
@@ -29,14 +35,10 @@ SETTINGS = {  # row name -> --freeze
 }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="shapes")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
+def main(argv=None):
+    configurator.apply(globals(), argv)
+    args = SimpleNamespace(**configurator.settings(globals()))
+    tasks, seeds = args.tasks.split(","), parse_seeds(args.seeds)
 
     # the starting points and the from-scratch reference (no-ops when accuracy.py already ran them)
     base = run_all(jobs_for(tasks, ["insertion", "ca"], seeds), args.jobs, args.threads)
@@ -66,7 +68,7 @@ def main():
     text = (f"Adaptation: insertion -> ca with the backbone frozen, {BUDGET['max_iters']} steps (lr_new 1e-3 for "
             f"the CA layers, lr_pretrained 1e-4 for the last vision block), the same budget as the models "
             f"trained from scratch; mean ± std over seeds {args.seeds}.\n\n" + markdown_table(header, rows))
-    write_result("adaptation", text, data, published=is_default(parser, args))
+    write_result("adaptation", text, data, published=is_default(vars(args), DEFAULTS))
 
 
 if __name__ == "__main__":

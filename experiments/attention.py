@@ -7,26 +7,34 @@ experiments/accuracy.py and, for comparison, the same models untrained.
 The v1 paper's "implicit gating": because the text keys compete in the same softmax, a layer can
 turn the image down (give its attention to text) without any explicit gate.
 
-    python experiments/attention.py                 # shapes models, seeds 1-3: ~10 s
-    python experiments/attention.py --task=charts
+    python -m experiments.attention                 # shapes models, seeds 1-3: ~10 s
+    python -m experiments.attention --task=charts
 
 Draws docs/attention.png (trained, mean over seeds; untrained for reference) and writes the numbers
 to docs/results/attention.md (other settings: runs/results/, unless --out is given).
 """
 
-import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import casa  # noqa: E402
-from data.loader import Dataset  # noqa: E402
-from experiments import plots  # noqa: E402
-from experiments.runs import ROOT, is_default, markdown_table, write_result  # noqa: E402
+import casa
+import configurator
+from data.loader import Dataset
+from experiments import plots
+from experiments.runs import ROOT, is_default, markdown_table, parse_seeds, write_result
 
 MODELS = ["ca_tv", "insertion"]
+
+# -----------------------------------------------------------------------------
+task = "shapes"
+seeds = "1,2,3"
+samples = 200  # validation samples per model
+out = "docs/attention.png"
+# -----------------------------------------------------------------------------
+DEFAULTS = configurator.settings(globals())  # only a run with these publishes its table (runs.is_default)
 
 
 @torch.no_grad()
@@ -45,14 +53,10 @@ def mass_on(model, data, n_samples):
     return total / count
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="shapes")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--samples", type=int, default=200, help="validation samples per model")
-    parser.add_argument("--out", default="docs/attention.png")
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+def main(argv=None):
+    configurator.apply(globals(), argv)
+    args = SimpleNamespace(**configurator.settings(globals()))
+    seeds = parse_seeds(args.seeds)
 
     panels, rows, data = [], [], {}
     for name in MODELS:
@@ -60,7 +64,7 @@ def main():
         for seed in seeds:
             path = os.path.join(ROOT, f"runs/accuracy/{args.task}/{name}-s{seed}/ckpt.pt")
             if not os.path.exists(path):
-                sys.exit(f"no checkpoint at {path}: run python experiments/accuracy.py --tasks={args.task} first")
+                sys.exit(f"error: no checkpoint at {path}: run python -m experiments.accuracy --tasks={args.task} first")
             model, ckpt = casa.load_checkpoint(path)
             dataset = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
             trained.append(mass_on(model.eval(), dataset, args.samples))
@@ -78,8 +82,8 @@ def main():
                          f"{mean[layer].min():.2f} - {mean[layer].max():.2f}"])
 
     sheet = plots.grid_of(panels, cols=2)  # two columns (trained | untrained), one row per model
-    published = is_default(parser, args)
-    out = args.out if published or args.out != parser.get_default("out") else "runs/results/attention.png"
+    published = is_default(vars(args), DEFAULTS)
+    out = args.out if published or args.out != DEFAULTS["out"] else "runs/results/attention.png"
     os.makedirs(os.path.dirname(os.path.join(ROOT, out)), exist_ok=True)
     sheet.save(os.path.join(ROOT, out))
     print(f"wrote {out}")

@@ -2,21 +2,23 @@
 Draw the attention patterns of insertion, cross-attention and CASA (ca_tv) from the masks the model
 really builds (casa.make_layout), for a short sequence with text before the first image and two images.
 
-    python experiments/draw_masks.py --out docs/masks.png
+    python -m experiments.draw_masks --out=docs/masks.png
 
 Rows are queries, columns keys; a filled cell means "may attend". Text keys are blue, image keys
 orange. Each panel is one kind of attention layer.
 """
 
-import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import casa  # noqa: E402
-from experiments import plots  # noqa: E402
+import casa
+import configurator
+from experiments import plots
+
+# -----------------------------------------------------------------------------
+out = "docs/masks.png"  # the picture to write
+# -----------------------------------------------------------------------------
 
 
 def masks_for(variant, idx, n_images):
@@ -52,10 +54,8 @@ def masks_for(variant, idx, n_images):
     return [sa, (title, ca_mask, key_is_image, text_labels, key_labels)]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/masks.png")
-    args = parser.parse_args()
+def main(argv=None):
+    configurator.apply(globals(), argv)
     tok = casa.get_tokenizer()
     ids = tok.encode("ab<|image|>cde<|image|>fg", allowed_special="all")
     idx = torch.tensor([ids])
@@ -65,9 +65,9 @@ def main():
     panels = [panels[0], panels[1], panels[2], panels[4]]  # SA panel once
     fig = plots.row_of(panels, "rows: queries; columns: keys; blue = text key, orange = image key "
                        "(y1, y2: first token of each image); I = <|image|> marker")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fig.save(args.out)
-    print(f"wrote {args.out}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.save(out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

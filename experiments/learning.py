@@ -3,16 +3,16 @@ How fast do the models learn to see? Accuracy against training time and steps, f
 for `ca`, `ca_tv`, `insertion` and the blind baseline (video: `ca`, `ca_all`, `insertion`), all with
 train.py's recipe. Time to accuracy on the CPU is the number a user feels.
 
-    python experiments/learning.py                        # shapes and video (about 2 h 20 min on 2 cores)
-    python experiments/learning.py --tasks=text,charts    # the fine-grained tasks, seeds 2 and 3 (12 runs of about an hour on one thread)
-    python experiments/learning.py --tasks=text           # text alone at seeds 1-3 (9 of the Table 2 text runs)
-    python experiments/learning.py --tasks=shapes --models=ca,insertion
+    python -m experiments.learning                        # shapes and video (about 2 h 20 min on 2 cores)
+    python -m experiments.learning --tasks=text,charts    # the fine-grained tasks, seeds 2 and 3 (12 runs of about an hour on one thread)
+    python -m experiments.learning --tasks=text           # text alone at seeds 1-3 (9 of the Table 2 text runs)
+    python -m experiments.learning --tasks=shapes --models=ca,insertion
 
 Every run is an ordinary train.py command (printed). Shapes runs are this script's own (1000 steps,
 evaluated every 100 on 400 validation answers, runs/learning/shapes/<model>/); the other tasks' curves
-are those of the Table 2 and Table 4 runs, the same commands (text and charts: experiments/accuracy.py
---max_iters=10000, evaluated every 1000 steps; video: experiments/video.py), run here if they have not
-been yet. The table goes to docs/results/learning.md, the picture to docs/learning.png (--tasks=text,charts:
+are those of the Table 2 and Table 4 runs, the same commands (text and charts: python -m
+experiments.accuracy --max_iters=10000, evaluated every 1000 steps; video: python -m experiments.video),
+run here if they have not been yet. The table goes to docs/results/learning.md, the picture to docs/learning.png (--tasks=text,charts:
 learning_fine.md and docs/learning_fine.png; --tasks=text: learning_text; a custom run writes under runs/results/ and
 runs/learning.png instead). The picture draws accuracy against training seconds and against steps:
 runs made on different days may differ in seconds per step, never in steps. With several seeds each
@@ -21,21 +21,33 @@ designs do, so the fine-grained pair is drawn at two seeds (text alone at three)
 answer prior, docs/results.md).
 """
 
-import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import plots  # noqa: E402
-from experiments import accuracy, video  # noqa: E402
-from experiments.runs import ROOT, TASK_SETTINGS, markdown_table, model_settings, parse_seeds, run_all, write_result  # noqa: E402
+import configurator
+from experiments import accuracy, plots, video
+from experiments.runs import ROOT, TASK_SETTINGS, markdown_table, model_settings, parse_seeds, run_all, write_result
 
 FINE_ITERS = 10000  # text and charts: the budget of Table 2's fine-grained columns
 # the published pictures: each pair of tasks drawn by default -> (file name, models, seeds)
 PUBLISHED = {"shapes,video": ("learning", "ca,ca_tv,insertion,blind", "1"),
              "text,charts": ("learning_fine", "ca,ca_tv,insertion", "2,3"),
              "text": ("learning_text", "ca,ca_tv,insertion", "1,2,3")}
+
+# -----------------------------------------------------------------------------
+# text and charts need 10,000-step runs of every model (about an hour each on one thread): asked for by name
+tasks = "shapes,video"
+models = ""  # for shapes, text and charts (default: the pair's in PUBLISHED)
+video_models = ",".join(video.VARIANTS)
+max_iters = 1000
+every = 100  # evaluate every this many steps
+seeds = ""  # e.g. 1,2 (default: the pair's in PUBLISHED, else 1)
+jobs = 2
+threads = 1
+# -----------------------------------------------------------------------------
+DEFAULTS = configurator.settings(globals())
 
 
 def curve(out_dir):
@@ -48,7 +60,8 @@ def curve(out_dir):
 def learning_jobs(tasks, models, video_models, seeds, max_iters, every):
     """(jobs, where): the train.py runs behind every curve, and {(task, model, seed): run folder}.
     Shapes runs are this script's own; text, charts and video reuse the Table 2 and Table 4 runs (the
-    same folders and settings as experiments/accuracy.py --max_iters=FINE_ITERS and experiments/video.py)."""
+    same folders and settings as `python -m experiments.accuracy --max_iters=FINE_ITERS` and
+    `python -m experiments.video`)."""
     jobs, where = [], {}  # where: (task, model, seed) -> its run's folder
     for task in tasks:
         for seed in seeds:
@@ -71,22 +84,13 @@ def learning_jobs(tasks, models, video_models, seeds, max_iters, every):
     return jobs, where
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # text and charts need 10,000-step runs of every model (about an hour each on one thread): asked for by name
-    parser.add_argument("--tasks", default="shapes,video")
-    parser.add_argument("--models", default="", help="for shapes, text and charts (default: the pair's in PUBLISHED)")
-    parser.add_argument("--video_models", default=",".join(video.VARIANTS))
-    parser.add_argument("--max_iters", type=int, default=1000)
-    parser.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
-    parser.add_argument("--seeds", default="", help="e.g. 1,2 (default: the pair's in PUBLISHED, else 1)")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+def main(argv=None):
+    configurator.apply(globals(), argv)
+    args = SimpleNamespace(**configurator.settings(globals()))
     name, default_models, default_seeds = PUBLISHED.get(args.tasks, ("learning", PUBLISHED["shapes,video"][1], "1"))
     # published: a pair of PUBLISHED with its own models and seeds, and every other setting at its default
     published = args.tasks in PUBLISHED and args.models in ("", default_models) and args.seeds in ("", default_seeds) \
-        and all(getattr(args, k) == parser.get_default(k) for k in ("video_models", "max_iters", "every"))
+        and all(getattr(args, k) == DEFAULTS[k] for k in ("video_models", "max_iters", "every"))
     tasks, models = args.tasks.split(","), (args.models or default_models).split(",")
     seeds = parse_seeds(args.seeds or default_seeds)
     unknown = [t for t in tasks if t not in TASK_SETTINGS]

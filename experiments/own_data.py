@@ -5,29 +5,37 @@ trained with the README's own-data command and nothing else (`python train.py --
 reported by question kind, with the blind baseline (images blanked) beside it: a model that
 reads only the answer prior sits at the blind line.
 
-    python experiments/own_data.py                                 # data/scenes: ca, insertion, blind
-    python experiments/own_data.py --datasets=path/to/folder       # any folder in data/README.md's format
-    python experiments/own_data.py --models=ca --seeds=1,2,3
+    python -m experiments.own_data                                 # data/scenes: ca, insertion, blind
+    python -m experiments.own_data --datasets=path/to/folder       # any folder in data/README.md's format
+    python -m experiments.own_data --models=ca --seeds=1,2,3
 
 Runs go to runs/own_data/<dataset>/<model>-s<seed>/ (skipped when finished, resumed when
 interrupted). The table goes to docs/results/own_data.md, the learning curves by question kind to
 docs/own_data.png (for other settings: runs/results/ and runs/results/own_data.png).
 """
 
-import argparse
 import json
 import os
-import sys
+from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.plots import grid_of, line_panels  # noqa: E402
-from experiments.runs import (ROOT, is_default, markdown_table, mean_spread, model_settings, parse_seeds,  # noqa: E402
+import configurator
+from experiments.plots import grid_of, line_panels
+from experiments.runs import (ROOT, is_default, markdown_table, mean_spread, model_settings, parse_seeds,
                               run_all, write_result)
 
 # the scenes set's question kinds by their first two words; other folders keep train.py's kind names
 SCENES_KINDS = {"is there": "existence", "what color": "colour", "what shape": "shape", "how many": "count",
                 "is the": "relation"}
 EVAL_INTERVAL = 250  # evaluations along the way (they do not change what is trained)
+
+# -----------------------------------------------------------------------------
+datasets = "scenes"  # comma list of built-in names or folders
+models = "ca,insertion,blind"
+seeds = "1"
+jobs = 2  # runs at once (each on --threads threads)
+threads = 1
+# -----------------------------------------------------------------------------
+DEFAULTS = configurator.settings(globals())  # only a run with these publishes its table (runs.is_default)
 
 
 def kind_name(kind):
@@ -46,14 +54,9 @@ def evaluations(out_dir):
     return [r for r in records if "accuracy" in r]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default="scenes", help="comma list of built-in names or folders")
-    parser.add_argument("--models", default="ca,insertion,blind")
-    parser.add_argument("--seeds", default="1")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on --threads threads)")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+def main(argv=None):
+    configurator.apply(globals(), argv)
+    args = SimpleNamespace(**configurator.settings(globals()))
     datasets, models, seeds = args.datasets.split(","), args.models.split(","), parse_seeds(args.seeds)
 
     jobs = [(f"runs/own_data/{short_name(d)}/{m}-s{s}",
@@ -100,7 +103,7 @@ def main():
             + markdown_table(["dataset", "model", "all"] + header_kinds + ["shuffled", "steps", "train min"], rows)
             + "\n\nAccuracy along the way:\n\n"
             + markdown_table(["dataset", "model", "seed"] + [f"step {st}" for st in steps], curve_rows))
-    published = is_default(parser, args)
+    published = is_default(vars(args), DEFAULTS)
     write_result("own_data", text, data, published=published)
     picture = os.path.join(ROOT, "docs" if published else "runs/results", "own_data.png")
     panels = [("all", "all questions", 1)] + [(k, k, 1) for k in header_kinds]

@@ -14,15 +14,16 @@ step() {
     "$@"
     echo "=== $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s: $*"
 }
-step python experiments/draw_masks.py --out docs/masks.png
-step python experiments/efficiency.py
-step python experiments/learning.py
-step python experiments/video.py
-step python stream.py --compare=runs/video/ca-s1/ckpt.pt,runs/video/insertion-s1/ckpt.pt --clip=0-39 --fps=20 --clip_prompts --one_stream --sink_tokens=4 --recent_tokens=64 --threads=1 --compare_png=docs/live_compare.png
-step python experiments/video.py --bounded=runs/video/ca-s1/ckpt.pt --sink_tokens=4 --recent_tokens=16,32,64,128,256,0
-step python experiments/accuracy.py --tasks=shapes
-step python experiments/adaptation.py
-step python experiments/own_data.py
-step python experiments/attention.py
-step python stream.py --bench --json runs/stream.json --png docs/stream.png
+step python -m experiments.draw_masks --out=docs/masks.png
+step python -m experiments.efficiency
+step python -m experiments.learning
+step python -m experiments.video
+step python -m experiments.live_compare --ckpts=runs/video/ca-s1/ckpt.pt,runs/video/insertion-s1/ckpt.pt --clip=0-39 --fps=20 --clip_prompts --one_stream --sink_tokens=4 --recent_tokens=64 --threads=1 --png=docs/live_compare.png
+step python -m experiments.video --bounded=runs/video/ca-s1/ckpt.pt --sink_tokens=4 --recent_tokens=16,32,64,128,256,0
+step python -m experiments.accuracy --tasks=shapes
+step python -m experiments.adaptation
+step python -m experiments.own_data
+step python -m experiments.attention
+step python stream.py --bench --json=runs/stream.json
+step python -m experiments.efficiency --stream_json=runs/stream.json --png=docs/stream.png
 echo "=== all done in $(( SECONDS / 60 )) min"

@@ -16,10 +16,10 @@ import time
 
 import torch
 
+import casa
+from data.loader import Dataset, answer, eval_batches, resolve_dataset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import casa  # noqa: E402
-from data.loader import Dataset, answer, eval_batches, resolve_dataset  # noqa: E402
 
 
 # per task, the train.py settings that differ from its defaults, the same for every model of a table.
@@ -178,12 +178,12 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
-def is_default(parser, args):
-    """True when every argument has its default value: only then does a script's table replace the
-    published one in docs/results/. --jobs and --threads say how the runs share the machine, not what
-    they compute, so they may differ."""
-    return all(getattr(args, a.dest) == a.default for a in parser._actions
-               if a.dest not in ("help", "jobs", "threads"))
+def is_default(settings, defaults):
+    """True when every setting (a script's, after its command line) has its default value, whether
+    the command line spelled it out or not: only then does a script's table replace the published one
+    in docs/results/. --jobs and --threads say how the runs share the machine, not what they compute,
+    so they may differ."""
+    return all(settings[k] == v for k, v in defaults.items() if k not in ("jobs", "threads"))
 
 
 def write_result(name, text, data=None, published=True):

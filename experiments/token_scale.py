@@ -9,19 +9,23 @@ update moves them relatively little. In the cross-attention designs they stay ou
 and every CA layer reads them through its own norm, so their scale does not matter there (they
 are the same tensor in every block, except in ca_ffn, whose MLPs update them).
 
-    python experiments/token_scale.py --ckpt=runs/accuracy-10000/charts/insertion-s1/ckpt.pt   # seconds
+    python -m experiments.token_scale --ckpt=runs/accuracy-10000/charts/insertion-s1/ckpt.pt   # seconds
 """
 
-import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import casa  # noqa: E402
-from data.loader import eval_batches  # noqa: E402
-from experiments.runs import validation_split  # noqa: E402
+import casa
+import configurator
+from data.loader import eval_batches
+from experiments.runs import validation_split
+
+# -----------------------------------------------------------------------------
+ckpt = ""  # the trained checkpoint to measure (required)
+samples = 64  # validation samples to draw from (the batch is their first group of equal length)
+seed = 1  # seed of the freshly initialised model
+# -----------------------------------------------------------------------------
 
 
 def rms(t):
@@ -48,21 +52,21 @@ def token_scale(model, idx, images):
     return seen
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--samples", type=int, default=64,
-                   help="validation samples to draw from (the batch is their first group of equal length)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the freshly initialised model")
-    args = p.parse_args()
-    if args.samples < 1:
-        p.error(f"--samples must be at least 1, got {args.samples}")
+def main(argv=None):
+    configurator.apply(globals(), argv)
+    if not ckpt:
+        sys.exit("error: --ckpt is required: the checkpoint to measure, e.g. --ckpt=out/ckpt.pt")
+    if samples < 1:
+        sys.exit(f"error: --samples must be at least 1, got {samples}")
 
-    model, data = validation_split(args.ckpt)
-    idx, images, _ = next(iter(eval_batches(data.eval_items()[: args.samples], args.samples)))
-    torch.manual_seed(args.seed)
+    try:
+        model, data = validation_split(ckpt)
+    except (OSError, ValueError, RuntimeError) as e:  # no such file, not a checkpoint, its dataset gone
+        sys.exit(f"error: {e}")
+    idx, images, _ = next(iter(eval_batches(data.eval_items()[:samples], samples)))
+    torch.manual_seed(seed)
     fresh = casa.VLM(model.config).eval()
-    print(f"{args.ckpt} ({model.config.variant}), {idx.size(0)} validation samples: RMS of the tokens entering each block")
+    print(f"{ckpt} ({model.config.variant}), {idx.size(0)} validation samples: RMS of the tokens entering each block")
     for name, m in (("trained", model), ("at init", fresh)):
         cells = [f"block {i}: image {a:.2f}, text {b:.2f} ({a / b:.0f}x)" for i, (a, b) in enumerate(token_scale(m, idx, images))]
         print(f"  {name:8s} " + " | ".join(cells))

@@ -17,9 +17,9 @@ several seeds; reported: exact match of the comment turns, and of their colour, 
 words (what a wrong comment gets wrong), and the last-turn accuracy of the memory clips (colour and
 shape questions; chance ~1/6 and 1/5).
 
-    python experiments/video.py                      # 3 variants and blind, seed 1, 8000 steps each
-    python experiments/video.py --seeds=1,2,3        # mean ± std over three seeds
-    python experiments/video.py --max_iters=6000     # another budget (runs go to runs/video-6000)
+    python -m experiments.video                      # 3 variants and blind, seed 1, 8000 steps each
+    python -m experiments.video --seeds=1,2,3        # mean ± std over three seeds
+    python -m experiments.video --max_iters=6000     # another budget (runs go to runs/video-6000)
 
 Runs go to runs/video/<variant>-s<seed>/; the table to docs/results/video.md.
 
@@ -28,21 +28,21 @@ one-frame model: every validation clip streamed turn by turn through one cache t
 first S and the last W text tokens, each turn fed with its true answer; exact match per turn as
 train.py's evaluation counts it (W = 0: unbounded, equal to train.py's numbers):
 
-    python experiments/video.py --bounded=runs/video/ca-s1/ckpt.pt --sink_tokens=4 --recent_tokens=8,16,32,64,0
+    python -m experiments.video --bounded=runs/video/ca-s1/ckpt.pt --sink_tokens=4 --recent_tokens=8,16,32,64,0
 """
 
-import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import casa  # noqa: E402
-from data.common import COLORS, SHAPES  # noqa: E402
-from data.loader import Dataset, score  # noqa: E402
-from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,  # noqa: E402
-                             parse_seeds, predictions, run_all, validation_split, write_result)
+import casa
+import configurator
+from data.common import COLORS, SHAPES
+from data.loader import Dataset, score
+from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,
+                              parse_seeds, predictions, run_all, validation_split, write_result)
 
 # one budget for every variant: experiments/runs.py's video settings (64 px, 16 tokens a frame, 8 clips a
 # batch, 800 steps of vision pretraining), 8000 steps, evaluated every 1000. At 4000 steps insertion and
@@ -50,6 +50,18 @@ from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, m
 # and insertion's seed 3 still missed a video goal; at 8000 every seed meets them (docs/recipe.md)
 BUDGET = dict(dataset="video", **TASK_SETTINGS["video"], max_iters=8000, eval_interval=1000, num_show=0)
 VARIANTS = ["ca", "ca_all", "insertion", "blind"]
+
+# -----------------------------------------------------------------------------
+variants = ",".join(VARIANTS)
+seeds = "1"
+max_iters = BUDGET["max_iters"]  # another budget: runs go to runs/video-N
+jobs = 2
+threads = 1
+bounded = ""  # a checkpoint: measure the bounded cache's cost instead
+sink_tokens = 4  # with --bounded: S
+recent_tokens = "8,16,32,64,0"  # with --bounded: the W to try (0: unbounded)
+# -----------------------------------------------------------------------------
+DEFAULTS = configurator.settings(globals())  # only a run with these publishes its table (runs.is_default)
 
 
 def jobs_for(variants, seeds, budget=BUDGET, root="runs/video"):
@@ -158,13 +170,21 @@ def turn_accuracy(ckpt_path):
     return {k: (sum(v) / len(v), len(v)) for k, v in sorted(groups.items())}
 
 
-def bounded(args):
+def bounded_cost(args):
     """--bounded: the accuracy cost of a bounded cache, per W, on the checkpoint's validation clips."""
-    model, ckpt = casa.load_checkpoint(args.bounded)
+    try:
+        windows = [int(w) for w in args.recent_tokens.split(",")]
+    except ValueError:
+        sys.exit(f"error: --recent_tokens={args.recent_tokens!r} is not a comma-separated list of whole numbers; "
+                 "give e.g. --recent_tokens=8,16,0")
+    try:
+        model, ckpt = casa.load_checkpoint(args.bounded)
+        data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
+    except (OSError, ValueError, RuntimeError) as e:  # no such file, not a checkpoint, its dataset gone
+        sys.exit(f"error: {e}")
     model.eval()
-    data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
     rows, out = [], {}
-    for w in [int(w) for w in str(args.recent_tokens).split(",")]:
+    for w in windows:
         answers, most = streamed_answers(model, data, args.sink_tokens, w or None)
         acc = {}
         for (i, t), (pred, truth) in answers.items():
@@ -182,19 +202,11 @@ def bounded(args):
     write_result("video_bounded", text, out, published=False)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--seeds", default="1")
-    parser.add_argument("--max_iters", type=int, default=BUDGET["max_iters"], help="another budget: runs go to runs/video-N")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--bounded", default="", help="a checkpoint: measure the bounded cache's cost instead")
-    parser.add_argument("--sink_tokens", type=int, default=4, help="with --bounded: S")
-    parser.add_argument("--recent_tokens", default="8,16,32,64,0", help="with --bounded: the W to try (0: unbounded)")
-    args = parser.parse_args()
+def main(argv=None):
+    configurator.apply(globals(), argv)
+    args = SimpleNamespace(**configurator.settings(globals()))
     if args.bounded:
-        return bounded(args)
+        return bounded_cost(args)
     variants, seeds = args.variants.split(","), parse_seeds(args.seeds)
     budget, root, name = BUDGET, "runs/video", "video"
     if args.max_iters != BUDGET["max_iters"]:
@@ -234,7 +246,7 @@ def main():
             f"defaults otherwise (4 x 128); "
             f"{'mean ± std over seeds ' + args.seeds if len(seeds) > 1 else 'seed ' + args.seeds}.\n\n"
             + markdown_table(header, rows))
-    write_result(name, text, data, published=is_default(parser, args))
+    write_result(name, text, data, published=is_default(vars(args), DEFAULTS))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the repo root (pytest.ini's pythonpath puts it on sys.path)
 
 TINY_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220)}
 # a model small enough that a few steps take well under a second
@@ -44,7 +42,8 @@ def write_tiny_dataset(folder, n_train=18, n_val=6):
 
 
 def run(script, *args, check=True, timeout=300, module=False):
-    """Run `python script args...` (or `python -m script`) in the repo root, one thread per process."""
+    """Run `python script args...` (a file: train.py), or with module=True `python -m script args...`
+    (a module: data.video.prepare, experiments.token_scale), in the repo root, one thread per process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)

@@ -8,17 +8,13 @@ Datasets are built in tmp_path with a few tiny PNGs.
 import json
 import os
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import casa  # noqa: E402
-from data.loader import DataError, Dataset, read_split  # noqa: E402
+import casa
+from data.loader import DataError, Dataset, read_split
 
 torch.set_num_threads(1)
 S = 16

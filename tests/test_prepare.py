@@ -1,7 +1,8 @@
 """
 Tests for the self-made datasets: each data/<name>/prepare.py is run (small)
-from outside the repo, twice with one seed and once with another, and the
-output is checked against the folder format described in data/README.md.
+as the README runs it, `python -m data.<name>.prepare` in the repo root, twice
+with one seed and once with another, and the output is checked against the
+folder format described in data/README.md.
 """
 
 import importlib.util
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from data.common import COLORS, MARKER, SHAPES, SIZE, draw_shape
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from data.common import COLORS, MARKER, SHAPES, SIZE, draw_shape  # noqa: E402
 
 SMALL = {"shapes": (40, 10), "text": (40, 10), "charts": (40, 10), "video": (24, 8),  # (n_train, n_val)
          "scenes": (40, 10)}  # scenes: images, about ten question lines each
@@ -28,16 +29,20 @@ def script(name):
     return ROOT / "data" / name / "prepare.py"
 
 
+def prepare_command(name, out, n_train, n_val, seed):
+    """The command line that writes data/<name> into `out` (run it in the repo root)."""
+    return [sys.executable, "-m", f"data.{name}.prepare", "--out", str(out), "--n_train", str(n_train),
+            "--n_val", str(n_val), "--seed", str(seed)]
+
+
 def run_prepare(name, base):
     """Run data/<name>/prepare.py three times: {a: seed 1, b: seed 1 again,
     c: seed 2}; return the three output folders."""
     n_train, n_val = SMALL[name]
     runs = {"a": 1, "b": 1, "c": 2}
-    # all three at once; cwd is not the repo root, so the script has to find
-    # data/common.py by itself
-    procs = [subprocess.Popen([sys.executable, str(script(name)), "--out", str(base / k),
-                               "--n_train", str(n_train), "--n_val", str(n_val), "--seed", str(seed)],
-                              cwd=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # all three at once
+    procs = [subprocess.Popen(prepare_command(name, base / k, n_train, n_val, seed), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k, seed in runs.items()]
     for p in procs:
         _, err = p.communicate()
@@ -270,8 +275,7 @@ def test_train_jsonl_appears_last_and_whole(tmp_path):
 def test_two_preparers_at_once_write_what_one_writes(generated, tmp_path):
     # two runs started together on a fresh clone may both prepare the same dataset into one folder
     n_train, n_val = SMALL["shapes"]
-    procs = [subprocess.Popen([sys.executable, str(script("shapes")), "--out", str(tmp_path), "--n_train",
-                               str(n_train), "--n_val", str(n_val), "--seed", "1"], stderr=subprocess.PIPE)
+    procs = [subprocess.Popen(prepare_command("shapes", tmp_path, n_train, n_val, 1), cwd=ROOT, stderr=subprocess.PIPE)
              for _ in range(2)]
     for p in procs:
         assert p.wait() == 0, p.stderr.read().decode()

@@ -7,16 +7,23 @@ apart, a darker line and a tick label at 5), and one question:
     "which bar is the shortest?"  -> "a"
 Reading a value means counting 5 px grid steps: easy at 64 px, hard at 32.
 
-python data/charts/prepare.py [--out DIR] [--n_train N] [--n_val N] [--seed S]
+python -m data.charts.prepare [--out=DIR] [--n_train=N] [--n_val=N] [--seed=S]
 """
 
 import os
-import sys
 
 from PIL import ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import COLORS, SIZE, canvas, main, text_mask  # noqa: E402
+import configurator
+from data.common import COLORS, SIZE, canvas, prepare, text_mask
+
+# -----------------------------------------------------------------------------
+# settings, each one overridable on the command line as --name=value (configurator.py)
+out = os.path.dirname(os.path.abspath(__file__))  # output folder (default: this script's folder)
+n_train = 20000  # training samples
+n_val = 400  # validation samples
+seed = 1337  # the same seed writes byte-identical files
+# -----------------------------------------------------------------------------
 
 X0, X1 = 9, SIZE - 1   # plot area, left of X0 is room for tick labels
 BASE, UNIT = 52, 5     # y of value 0 and pixels per unit: value 9 tops out at y=7
@@ -67,4 +74,5 @@ def make_sample(rng, stem):
 
 
 if __name__ == "__main__":
-    main("charts", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=20000, n_val=400)
+    configurator.apply(globals())
+    prepare("charts", make_sample, out, n_train, n_val, seed)

@@ -11,16 +11,23 @@ Most answers are yes or no, as in real sets. Objects have distinct colours (so "
 is one object); shapes are 8-22 px across on a 64 px image, so the smallest are a few pixels at 32.
 Each line also keeps the scene ("objects": shape, colour, centre, radius); the trainer ignores it.
 
-python data/scenes/prepare.py [--out DIR] [--n_train N] [--n_val N] [--seed S]   (N counts images)
+python -m data.scenes.prepare [--out=DIR] [--n_train=N] [--n_val=N] [--seed=S]   (N counts images)
 """
 
 import os
-import sys
 
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import COLORS, SHAPES, SIZE, a_an, draw_shape, main  # noqa: E402
+import configurator
+from data.common import COLORS, SHAPES, SIZE, a_an, draw_shape, prepare
+
+# -----------------------------------------------------------------------------
+# settings, each one overridable on the command line as --name=value (configurator.py)
+out = os.path.dirname(os.path.abspath(__file__))  # output folder (default: this script's folder)
+n_train = 5000  # training images (about ten questions each)
+n_val = 300  # validation images (about ten questions each)
+seed = 1337  # the same seed writes byte-identical files
+# -----------------------------------------------------------------------------
 
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds", "cross": "crosses"}
 QUESTIONS_PER_IMAGE = 10
@@ -123,4 +130,5 @@ def make_sample(rng, stem):
 
 
 if __name__ == "__main__":
-    main("scenes", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=5000, n_val=300)
+    configurator.apply(globals())
+    prepare("scenes", make_sample, out, n_train, n_val, seed)

@@ -6,17 +6,23 @@ plain gray background; one question per image, one of three kinds:
     "describe the image."      -> "an orange circle"  (chance 1/30)
 Shapes are large (diameter 24-48 px of 64) so they stay clear at 32x32.
 
-python data/shapes/prepare.py [--out DIR] [--n_train N] [--n_val N] [--seed S]
+python -m data.shapes.prepare [--out=DIR] [--n_train=N] [--n_val=N] [--seed=S]
 """
 
 import os
-import sys
 
 from PIL import ImageDraw
 
-# make `data.common` importable however the script is launched
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import COLORS, SHAPES, SIZE, a_an, canvas, contrasting_gray, draw_shape, main  # noqa: E402
+import configurator
+from data.common import COLORS, SHAPES, SIZE, a_an, canvas, contrasting_gray, draw_shape, prepare
+
+# -----------------------------------------------------------------------------
+# settings, each one overridable on the command line as --name=value (configurator.py)
+out = os.path.dirname(os.path.abspath(__file__))  # output folder (default: this script's folder)
+n_train = 4000  # training samples
+n_val = 400  # validation samples
+seed = 1337  # the same seed writes byte-identical files
+# -----------------------------------------------------------------------------
 
 QUESTIONS = {
     "color": "what color is the shape?",
@@ -40,4 +46,5 @@ def make_sample(rng, stem):
 
 
 if __name__ == "__main__":
-    main("shapes", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=4000, n_val=400)
+    configurator.apply(globals())
+    prepare("shapes", make_sample, out, n_train, n_val, seed)

@@ -6,14 +6,21 @@ position and colour on a plain gray background:
     "what word is written?"   -> "fish"
 Legible at 48-64 px; at 32 px the strokes start to merge, which is intended.
 
-python data/text/prepare.py [--out DIR] [--n_train N] [--n_val N] [--seed S]
+python -m data.text.prepare [--out=DIR] [--n_train=N] [--n_val=N] [--seed=S]
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import COLORS, SIZE, canvas, contrasting_gray, main, text_mask  # noqa: E402
+import configurator
+from data.common import COLORS, SIZE, canvas, contrasting_gray, prepare, text_mask
+
+# -----------------------------------------------------------------------------
+# settings, each one overridable on the command line as --name=value (configurator.py)
+out = os.path.dirname(os.path.abspath(__file__))  # output folder (default: this script's folder)
+n_train = 40000  # training samples
+n_val = 400  # validation samples
+seed = 1337  # the same seed writes byte-identical files
+# -----------------------------------------------------------------------------
 
 SCALE = 2  # bitmap glyphs are only ~7 px tall; doubled they survive a resize to 48
 WORDS = (
@@ -43,4 +50,5 @@ def make_sample(rng, stem):
 
 
 if __name__ == "__main__":
-    main("text", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=40000, n_val=400)
+    configurator.apply(globals())
+    prepare("text", make_sample, out, n_train, n_val, seed)

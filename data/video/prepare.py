@@ -17,17 +17,24 @@ The LAST turn asks about the FIRST frame, e.g. "<|image|> what color was the
 shape in the first frame?" -> "red", where the last frame always shows a
 different colour (or shape). A model that only sees the latest frame cannot answer it.
 
-python data/video/prepare.py [--out DIR] [--n_train N] [--n_val N] [--seed S]
+python -m data.video.prepare [--out=DIR] [--n_train=N] [--n_val=N] [--seed=S]
 (N counts clips, not frames.)
 """
 
 import os
-import sys
 
 from PIL import ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import COLORS, MARKER, SHAPES, SIZE, a_an, canvas, draw_shape, main  # noqa: E402
+import configurator
+from data.common import COLORS, MARKER, SHAPES, SIZE, a_an, canvas, draw_shape, prepare
+
+# -----------------------------------------------------------------------------
+# settings, each one overridable on the command line as --name=value (configurator.py)
+out = os.path.dirname(os.path.abspath(__file__))  # output folder (default: this script's folder)
+n_train = 4000  # training clips
+n_val = 200  # validation clips
+seed = 1337  # the same seed writes byte-identical files
+# -----------------------------------------------------------------------------
 
 FPS = 2
 R, STEP = 8, 16                # shape radius and how far one move goes: one object width, one 16 px token
@@ -194,4 +201,5 @@ def make_sample(rng, stem):
 
 
 if __name__ == "__main__":
-    main("video", make_sample, __file__, __doc__.split("\n\n")[0].strip(), n_train=4000, n_val=200)
+    configurator.apply(globals())
+    prepare("video", make_sample, out, n_train, n_val, seed)
