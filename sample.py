@@ -16,11 +16,11 @@ import random
 import sys
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 import casa
 import configurator
-from data.loader import Dataset, answer, bind_images, eval_batches, resolve_dataset
-from experiments import plots
+from data.loader import Dataset, answer, bind_images, eval_batches, load_image, resolve_dataset
 
 # -----------------------------------------------------------------------------
 ckpt = "out/ckpt.pt"
@@ -58,7 +58,7 @@ rows = []
 if image:
     paths = [p for p in image.split(",") if p]
     try:
-        imgs = torch.stack([casa.load_image(p, S) for p in paths])
+        imgs = torch.stack([load_image(p, S) for p in paths])
         prompts = bind_images([prompt], len(paths), where="--prompt/--image: ")
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -104,6 +104,47 @@ if not image:
 
 
 # the picture: each sample's images (as the model sees them, upscaled), its text below
+def draw_grid(cells, path, cell=160, cols=4):
+    """cells: [(images [(3, S, S) tensors], [(text, colour)])] -> a PNG, `cols` cells a row: each
+    cell's images side by side, its text below, wrapped to the cell's width in pixels."""
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+
+    def wrap(text):  # whole words while they fit; a word wider than the cell is cut where it must be
+        lines = []
+        for word in text.split():
+            if lines and width(lines[-1] + " " + word, font=font) <= cell:
+                lines[-1] += " " + word
+                continue
+            lines.append(word)
+            while width(lines[-1], font=font) > cell:
+                cut = max((i for i in range(1, len(lines[-1])) if width(lines[-1][:i], font=font) <= cell), default=1)
+                lines[-1:] = [lines[-1][:cut], lines[-1][cut:]]
+        return lines
+
+    cells = [(pics, [(piece, color) for text, color in lines for piece in wrap(text)]) for pics, lines in cells]
+    line_h, cols = 16, min(cols, len(cells))
+    text_h = line_h * max(len(lines) for _, lines in cells) + 8
+    n_rows = (len(cells) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * (cell + 10) + 10, n_rows * (cell + text_h + 10) + 10), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (pics, lines) in enumerate(cells):
+        x0, y0 = 10 + (i % cols) * (cell + 10), 10 + (i // cols) * (cell + text_h + 10)
+        side = cell // max(1, len(pics))
+        if not pics:
+            draw.text((x0 + 4, y0 + cell // 2), "(no image)", fill=(120, 120, 120), font=font)
+        for j, pic in enumerate(pics):  # (3, S, S) in [0, 1] -> an RGB picture
+            pixels = (pic.permute(1, 2, 0) * 255).round().byte().contiguous().numpy().tobytes()
+            rgb = Image.frombytes("RGB", (pic.size(-1), pic.size(-1)), pixels)
+            canvas.paste(rgb.resize((side, side), Image.NEAREST), (x0 + j * side, y0 + (cell - side) // 2))
+        for k, (text, color) in enumerate(lines):
+            draw.text((x0, y0 + cell + 4 + k * line_h), text, fill=color, font=font)
+    canvas.save(path)
+
+
 if grid:
     cells = []
     for it in rows:
@@ -115,5 +156,5 @@ if grid:
         else:
             lines += [("answer: " + pred, (0, 0, 160))]
         cells.append((list(it["images"]), lines))
-    plots.image_grid(cells, grid)
+    draw_grid(cells, grid)
     print(f"wrote {grid} ({len(cells)} samples)")

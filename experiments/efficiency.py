@@ -13,28 +13,56 @@ Streaming (stream.py's benchmark: batch 1, random weights, one frame then 5 gene
                    first and the last 10% of turns
   KV MiB, entries  the cache after the last frame (cache.nbytes(), checked against casa.kv_cache_bytes)
 
-    python experiments/efficiency.py                 # ~2 min on one CPU thread
-    python experiments/efficiency.py --patch_size=8 --turns=200   # the accuracy runs' 16 image tokens
+    python -m experiments.efficiency                 # ~2 min on one CPU thread
+    python -m experiments.efficiency --patch_size=8 --turns=200   # the accuracy runs' 16 image tokens
 
-Numbers go to docs/results/efficiency.md.
+Numbers go to docs/results/efficiency.md. It also draws the streaming benchmark's picture from the
+records stream.py writes (KV cache in use and time to first token against the turn):
+
+    python stream.py --bench --json=runs/stream.json
+    python -m experiments.efficiency --stream_json=runs/stream.json --png=docs/stream.png
 """
 
-import argparse
-import os
+import json
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import casa  # noqa: E402
-import stream  # noqa: E402
-from data.loader import Dataset, resolve_dataset, text_tokens  # noqa: E402
-from experiments.runs import is_default, markdown_table, write_result  # noqa: E402
+import casa
+import configurator
+import stream
+from data.loader import Dataset, resolve_dataset, text_tokens
+from experiments import plots
+from experiments.runs import is_default, markdown_table, write_result
 
+# -----------------------------------------------------------------------------
+variants = ",".join(casa.VARIANTS)
+patch_size = 4  # 4: 64 image tokens (casa.Config()); 8: 16 (the accuracy runs)
+train_steps = 20
+batch_size = 32
+turns = 500  # frames streamed
+threads = 1
+device = "auto"
+stream_json = ""  # instead of measuring: draw these records of stream.py --bench --json=PATH ...
+png = ""  # ... to this picture (e.g. docs/stream.png)
+# -----------------------------------------------------------------------------
+DEFAULTS = configurator.settings(globals())  # only a run with these publishes its table (runs.is_default)
 MiB = 2**20
 GEN_TOKENS = 5  # generated per streamed frame, as in the paper's Table 1
+MODEL = dict(n_layer=4, n_head=4, n_embd=128, n_vis_layer=2, n_vis_head=4, n_vis_embd=128)  # casa.Config()'s
+# what the streaming picture shows: KV bytes in use and time to first token against the turn (the
+# caches are reserved up front, so allocated memory is flat by design; the table has it)
+STREAM_PANELS = (("kv_bytes", "KV cache in use (MiB)", 1 / MiB), ("ttft_ms", "time to first token (ms)", 1.0))
+
+
+def draw_stream(records, path):
+    """stream.py --bench's per-turn records -> KV cache and TTFT against the turn, a line per variant."""
+    n_turns = len({r["turn"] for r in records})
+    n_variants = len({r["variant"] for r in records})
+    plots.line_panels(records, path, STREAM_PANELS, title=f"streaming (stream.py --bench): {n_variants} variants "
+                      f"on one backbone, {n_turns} turns of one frame each")
 
 
 def activation_bytes(model, idx, images, targets):
@@ -94,45 +122,42 @@ def turn_seconds(record):
     return record["ttft_ms"] / 1000 + GEN_TOKENS / record["decode_tok_s"]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(casa.VARIANTS))
-    parser.add_argument("--patch_size", type=int, default=4, help="4: 64 image tokens (casa.Config()); 8: 16 (the accuracy runs)")
-    parser.add_argument("--train_steps", type=int, default=20)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--turns", type=int, default=500, help="frames streamed")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = casa.pick_device(args.device)
-    variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in casa.VARIANTS]
+def main(argv=None):
+    configurator.apply(globals(), argv)
+    if stream_json:
+        if not png:
+            sys.exit("error: --stream_json draws a picture: give its path too, --png=PATH")
+        try:
+            with open(stream_json) as f:
+                records = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --stream_json={stream_json}: {e}")
+        draw_stream(records, png)
+        print(f"wrote {png}")
+        return
+    torch.set_num_threads(threads)
+    dev = casa.pick_device(device)
+    names = variants.split(",")
+    unknown = [v for v in names if v not in casa.VARIANTS]
     if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(casa.VARIANTS)}")
-    model_args = dict(n_layer=4, n_head=4, n_embd=128, image_size=32, patch_size=args.patch_size,
-                      n_vis_layer=2, n_vis_head=4, n_vis_embd=128)
+        sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(casa.VARIANTS)}")
     data = Dataset(resolve_dataset("shapes"), "train", 32)
 
     train = {}
-    for v in variants:
-        config = casa.Config(variant=v, block_size=64, **model_args)
-        train[v] = train_speed(config, data, args.batch_size, args.train_steps, device)
+    for v in names:
+        config = casa.Config(variant=v, block_size=64, image_size=32, patch_size=patch_size, **MODEL)
+        train[v] = train_speed(config, data, batch_size, train_steps, dev)
         print(f"train {v}: {train[v][0]:,.0f} text tok/s, {train[v][1] / MiB:.1f} MiB", flush=True)
 
-    grid = 32 // args.patch_size
-    bench_args = stream.parse_args([
-        "--bench", f"--turns={args.turns}", f"--image_tokens={grid * grid}", f"--gen_tokens={GEN_TOKENS}",
-        f"--variants={','.join(variants)}", "--n_layer=4", "--n_head=4", "--n_embd=128",
-        f"--patch_size={args.patch_size}", "--n_vis_layer=2", "--n_vis_head=4", "--n_vis_embd=128",
-        f"--device={device}", "--text_only=False"])
-    records = stream.run_bench(bench_args, log=lambda *a: None)
+    grid = 32 // patch_size
+    records = stream.benchmark(log=lambda *a: None, turns=turns, image_tokens=grid * grid, gen_tokens=GEN_TOKENS,
+                               variants=",".join(names), patch_size=patch_size, device=dev, text_only=False, **MODEL)
     by_variant = {}
     for r in records:
         by_variant.setdefault(r["variant"], []).append(r)
 
     rows, data_out = [], {}
-    for v in variants:
+    for v in names:
         recs = by_variant[v]
         tail = recs[-max(1, len(recs) // 10):]
         fps = 1 / statistics.mean(turn_seconds(r) for r in tail)
@@ -143,14 +168,14 @@ def main():
                            kv_bytes=last["kv_bytes"], kv_entries=last["cached_entries"])
         rows.append([v, f"{tok_s:,.0f}", f"{mem / MiB:.1f}", f"{fps_first:.0f} -> {fps:.0f}",
                      f"{last['kv_bytes'] / MiB:.2f}", f"{last['cached_entries']:,}", casa.kv_formula(casa.Config(variant=v))])
-    mem_name = "peak allocated MiB" if device.startswith("cuda") else "activation MiB"
+    mem_name = "peak allocated MiB" if dev.startswith("cuda") else "activation MiB"
     header = ["variant", "train text tok/s", f"train {mem_name}", f"stream frames/s (first -> last 10%)",
-              f"KV MiB after {args.turns} frames", "KV entries", "#KV per layer"]
-    text = (f"Efficiency on {device} ({torch.get_num_threads()} thread(s)), model 4 x 128, {grid * grid} image "
-            f"tokens per image; training: shapes, batch {args.batch_size}, {args.train_steps} timed steps; "
-            f"streaming: {args.turns} frames, each followed by 5 generated tokens (stream.py --bench, fp32, "
+              f"KV MiB after {turns} frames", "KV entries", "#KV per layer"]
+    text = (f"Efficiency on {dev} ({torch.get_num_threads()} thread(s)), model 4 x 128, {grid * grid} image "
+            f"tokens per image; training: shapes, batch {batch_size}, {train_steps} timed steps; "
+            f"streaming: {turns} frames, each followed by 5 generated tokens (stream.py --bench, fp32, "
             f"random weights); entries summed over layer kinds, per layer.\n\n" + markdown_table(header, rows))
-    write_result("efficiency", text, data_out, published=is_default(parser, args))
+    write_result("efficiency", text, data_out, published=is_default(configurator.settings(globals()), DEFAULTS))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """
-Every picture of the project, drawn with Pillow: line charts (streaming benchmark, learning curves),
-image grids (sample.py --grid), heat maps (attention), mask panels (docs/masks.png) and the
-live-captioning strip (stream.py --compare). The scripts compute; this module only draws.
+The experiments' pictures, drawn with Pillow: line charts (the streaming benchmark's records, learning
+curves), heat maps (attention), mask panels (docs/masks.png) and the live-captioning strip
+(experiments/live_compare.py). The scripts compute; this module only draws. The core scripts draw
+nothing from here: sample.py --grid has its own small drawing, stream.py writes JSON.
 """
 
 import math
@@ -182,32 +183,6 @@ def wrap_to_width(text, fnt, width, max_lines=None):
             last = last[:-1]
         lines = lines[:max_lines - 1] + [last + "..."]
     return lines
-
-
-def image_grid(cells, path, cell=160, cols=4):
-    """cells: [(images [(3, S, S) tensors], [(text, colour)])]: each cell its images side by side
-    (upscaled, as the model sees them), its lines of text below; `cols` cells a row."""
-    small = font(13)
-    cells = [(pics, [(piece, color) for text, color in lines for piece in wrap_to_width(text, small, cell)])
-             for pics, lines in cells]
-    line_h = 16
-    text_h = line_h * max(len(lines) for _, lines in cells) + 8
-    cols = min(cols, len(cells))
-    width = cell + 10
-    canvas = Image.new("RGB", (cols * width + 10, ((len(cells) + cols - 1) // cols) * (cell + text_h + 10) + 10),
-                       "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (pics, lines) in enumerate(cells):
-        x0, y0 = 10 + (i % cols) * width, 10 + (i // cols) * (cell + text_h + 10)
-        if pics:
-            side = cell // len(pics)
-            for j, pic in enumerate(pics):
-                canvas.paste(to_pil(pic).resize((side, side), Image.NEAREST), (x0 + j * side, y0 + (cell - side) // 2))
-        else:
-            draw.text((x0 + 4, y0 + cell // 2), "(no image)", fill=(120, 120, 120), font=small)
-        for k, (text, color) in enumerate(lines):
-            draw.text((x0, y0 + cell + 4 + k * line_h), text, fill=color, font=small)
-    canvas.save(path)
 
 
 def heat_panel(title, mass, cell=44):

@@ -11,7 +11,7 @@ from conftest import run, write_tiny_dataset
 from PIL import Image
 
 import casa
-from data.loader import answer
+from data.loader import answer, load_image
 
 S = 16
 
@@ -42,7 +42,7 @@ def test_one_image_with_a_prompt(ckpt):
     # independent reference: the same greedy answer computed here from the same weights
     tok = casa.get_tokenizer()
     ids, _ = casa.encode_turn(tok, casa.IMAGE + "what color?")
-    images = casa.load_image(img, S)[None]
+    images = load_image(img, S)[None]
     with torch.no_grad():
         assert m.group(1) == repr(answer(model, torch.tensor([ids]), images, tok, 6)[0])
 

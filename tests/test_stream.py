@@ -1,27 +1,31 @@
 """
 Tests for stream.py: the benchmark (records, cache formula, memory budget, CLI) and live captioning
-(a folder of frames, a dataset clip, real-time pacing), all with tiny random models on CPU.
+(a folder of frames, a dataset clip, real-time pacing); and for experiments/live_compare.py, which
+streams through stream.py's turn helper and clip reading. All with tiny random models on CPU.
 """
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import casa  # noqa: E402
-import stream  # noqa: E402
+import casa
+import stream
+from data.loader import load_image
+from experiments import live_compare
 
+ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"variant", "turn", "ttft_ms", "decode_tok_s", "cached_entries", "kv_bytes", "peak_bytes"}
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--image_tokens", "16", "--gen_tokens", "3",
-        "--n_vis_layer", "1", "--n_vis_head", "2", "--n_vis_embd", "32", "--warmup", "1", "--device", "cpu",
-        "--threads", "1"]
+TINY = dict(n_layer=2, n_head=2, n_embd=32, image_tokens=16, gen_tokens=3, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
+            warmup=1, device="cpu")
 FRAME_LINE = re.compile(r"^\s*\d+\.\d+s \| +\d+\.\d+s \| [+-]\d+\.\d+s \|")
 
 
@@ -35,20 +39,25 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def bench_args(*extra):
-    return stream.parse_args(["--bench", *TINY, *extra])
+def tiny(**extra):
+    """The benchmark's settings as benchmark(**TINY, **extra) runs with them (s.gen_tokens)."""
+    return SimpleNamespace(**{**stream.DEFAULTS, **TINY, **extra})
+
+
+def quiet(*args):
+    pass
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "b.json"
-    recs = stream.run_bench(bench_args("--turns", "6", "--json", str(out)), log=lambda *a: None)
+    recs = stream.benchmark(log=quiet, turns=6, json=str(out), **TINY)
     assert json.loads(out.read_text()) == recs
     return recs
 
 
 def test_bench_records_fields_and_formula(records):
-    args = bench_args()
+    args = tiny()
     T = 2 + args.gen_tokens  # <|image|>, <|answer|> and every generated token are cached
     assert len(records) == 6 * (len(casa.VARIANTS) + 1)  # and the text-only reference row
     text_only = [r for r in records if r["variant"] == stream.TEXT_ONLY]
@@ -65,7 +74,7 @@ def test_bench_records_fields_and_formula(records):
 
 
 def test_bench_cached_entries_growth(records):
-    args = bench_args()
+    args = tiny()
     N, T = args.image_tokens, 2 + args.gen_tokens
     for v in casa.VARIANTS:
         entries = [r["cached_entries"] for r in records if r["variant"] == v]
@@ -79,7 +88,7 @@ def test_bench_cached_entries_growth(records):
 
 def test_bench_turn_matches_generate():
     """The benchmark's timed turn is model.generate(greedy, no stop token) split in two."""
-    args = bench_args()
+    args = tiny()
     for v in ("ca_tv", "insertion"):
         torch.manual_seed(0)
         model = casa.VLM(stream.bench_config(args, v)).eval()
@@ -88,23 +97,22 @@ def test_bench_turn_matches_generate():
         with torch.inference_mode():
             for _ in range(2):
                 frame = torch.rand(1, 3, model.config.image_size, model.config.image_size)
-                _, _, ids = stream.one_turn(model, prompt, frame, 3, c1)
+                ids, ttft, seconds = stream.one_turn(model, prompt, frame, c1, 3)
                 out = model.generate(prompt, frame, max_new_tokens=3, temperature=0, cache=c2)
-                assert ids.tolist() == out[:, prompt.size(1):].tolist()
+                assert ids == out[0, prompt.size(1):].tolist() and 0 < ttft < seconds
                 assert c1.entries() == c2.entries() and c1.nbytes() == c2.nbytes()
 
 
 def test_bench_memory_budget_stops_insertion():
     # insertion caches N + T entries per turn, CA only T: a budget that fits CA's 10 turns stops insertion
-    args = ["--turns", "10", "--n_layer", "4"]
-    ca = stream.bench_config(bench_args(*args), "ca")
-    T = 2 + bench_args().gen_tokens
+    args = dict(TINY, turns=10, n_layer=4)
+    ca = stream.bench_config(tiny(**args), "ca")
+    T = 2 + tiny().gen_tokens
     with torch.inference_mode():
         ca_params = sum(p.numel() * p.element_size() for p in casa.VLM(ca).parameters())
     budget = ca_params + 2 * casa.kv_cache_bytes(ca, 10, T) + 1024  # the projection counts KV twice
     lines = []
-    recs = stream.run_bench(bench_args(*args, "--variants", "ca,insertion", "--max_memory", str(budget)),
-                            log=lines.append)
+    recs = stream.benchmark(log=lines.append, variants="ca,insertion", max_memory=str(budget), **args)
     n_ins = sum(r["variant"] == "insertion" for r in recs)
     assert sum(r["variant"] == "ca" for r in recs) == 10
     assert 0 < n_ins < 10
@@ -118,27 +126,17 @@ def test_parse_bytes():
     assert stream.parse_bytes("1e6") == 10**6
 
 
-def test_analytic_presets():
-    rows = {r["variant"]: r for r in stream.analytic_rows("Qwen2.5-VL-3B", image_tokens=1024, text_tokens=16)}
-    per_token = 36 * 2 * 2 * 128 * 2  # layers, K and V, 2 K/V heads (GQA), head_dim, bf16
-    assert rows["insertion"]["per_turn"] == (1024 + 16) * per_token
-    assert rows["ca"]["per_turn"] == 16 * per_token
-    k = rows["insertion"]["turn_over_budget"]
-    assert rows["insertion"]["kv_1"] + (k - 1) * rows["insertion"]["per_turn"] > 80e9
-    assert rows["insertion"]["kv_1"] + (k - 2) * rows["insertion"]["per_turn"] <= 80e9
-    assert rows["ca"]["turn_over_budget"] > 50 * k
-
-
 def test_cli_bench(tmp_path):
-    out, png = tmp_path / "b.json", tmp_path / "b.png"
-    res = subprocess.run([sys.executable, str(ROOT / "stream.py"), "--bench", *TINY, "--turns", "3",
-                          "--variants", "ca,insertion", "--json", str(out), "--png", str(png)],
+    """The command line, run from another folder; its picture is drawn from --json by
+    experiments/efficiency.py (tested in test_experiments.py)."""
+    out = tmp_path / "b.json"
+    res = subprocess.run([sys.executable, str(ROOT / "stream.py"), "--bench", *(f"--{k}={v}" for k, v in TINY.items()),
+                          "--threads=1", "--turns=3", "--variants=ca,insertion", f"--json={out}"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "| insertion | kT + kN |" in res.stdout and "all 9 turns match" in res.stdout  # ca, insertion, text only
     assert len(json.loads(out.read_text())) == 9
-    with Image.open(png) as img:
-        assert img.size[0] > 800 and img.size[1] > 300
+    assert "TTFT insertion: first 10%" in res.stdout
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +212,7 @@ def test_live_captioning_single_image_lines(tmp_path, capsys):
     model, _ = casa.load_checkpoint(str(ckpt))
     tok = casa.get_tokenizer()
     ids, _ = casa.encode_turn(tok, casa.IMAGE + "what color?")
-    image = casa.load_image(data / "images" / names[1], model.config.image_size)[None]
+    image = load_image(data / "images" / names[1], model.config.image_size)[None]
     out = model.eval().generate(torch.tensor([ids]), image, max_new_tokens=4, temperature=0,
                                 stop_token=tok.eot_token)[0, len(ids):].tolist()
     expected = tok.decode([t for t in out if t != tok.eot_token])
@@ -256,8 +254,9 @@ def test_bench_bounded_cache_stays_flat():
     """--recent_tokens: every turn still matches the (bounded) formula, and the cache stops growing
     once sink + recent text tokens are in; insertion is left out and its unbounded size printed."""
     lines = []
-    args = bench_args("--turns", "8", "--variants", "ca,ca_tv,insertion", "--sink_tokens", "4", "--recent_tokens", "20")
-    recs = stream.run_bench(args, log=lines.append)
+    settings = dict(TINY, turns=8, variants="ca,ca_tv,insertion", sink_tokens=4, recent_tokens=20)
+    recs = stream.benchmark(log=lines.append, **settings)
+    args = tiny(**settings)
     assert {r["variant"] for r in recs} == {"ca", "ca_tv", stream.TEXT_ONLY}
     T = 2 + args.gen_tokens
     for v in ("ca", "ca_tv"):
@@ -268,13 +267,13 @@ def test_bench_bounded_cache_stays_flat():
         assert entries[3] < entries[4] == entries[-1]  # 5 text tokens a turn: flat from the 5th turn (24 = 4 + 20)
     assert any(line.startswith("insertion on the same stream") for line in lines)
     with pytest.raises(ValueError, match="keep every frame"):
-        stream.run_bench(bench_args("--variants", "insertion", "--recent_tokens", "20"), log=lambda *a: None)
+        stream.benchmark(log=quiet, variants="insertion", recent_tokens=20, **TINY)
 
 
 def test_bench_reserves_the_session_up_front():
     """Without --grow no store is ever reallocated during the timed turns (so no turn stalls on a
     copy); with --grow the stores double as they fill."""
-    def allocations(*extra):
+    def allocations(**extra):
         seen = {}
         real = casa.KVStore.begin
 
@@ -286,15 +285,15 @@ def test_bench_reserves_the_session_up_front():
 
         casa.KVStore.begin = spy
         try:
-            stream.run_bench(bench_args("--turns", "12", "--warmup", "0", "--variants", "ca,insertion",
-                                        "--text_only=False", *extra), log=lambda *a: None)
+            stream.benchmark(log=quiet, **dict(TINY, turns=12, warmup=0, variants="ca,insertion", text_only=False),
+                             **extra)
         finally:
             casa.KVStore.begin = real
         return sum(seen.values())
 
     stores_with_layers = 2 + 1  # ca: SA and CA image stores; insertion: SA
     assert allocations() == stores_with_layers  # each allocated once, at the first turn
-    assert allocations("--grow") > stores_with_layers
+    assert allocations(grow=True) > stores_with_layers
 
 
 def two_clips_two_models(tmp_path):
@@ -311,19 +310,18 @@ def two_clips_two_models(tmp_path):
 
 
 def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
-    """--compare: two checkpoints caption the same clips played back to back. Each model's captions
+    """live_compare: two checkpoints caption the same clips played back to back. Each model's captions
     are what generate gives with a fresh cache per clip, and its delays follow the real-time clock:
     a turn starts at max(its frame's arrival, the previous turn's end) and lasts its compute time."""
     data, names, clips, paths = two_clips_two_models(tmp_path)
     fps = 40.0
-    results = stream.main(["--compare", f"{paths[0]},{paths[1]}", "--clip", "0-1", "--fps", str(fps),
-                           "--max_new_tokens", "4", "--device", "cpu", "--compare_json", str(tmp_path / "c.json"),
-                           "--compare_png", str(tmp_path / "c.png")])
+    results = live_compare.main([f"--ckpts={paths[0]},{paths[1]}", "--clip=0-1", f"--fps={fps}", "--max_new_tokens=4",
+                                 "--device=cpu", f"--json={tmp_path / 'c.json'}", f"--png={tmp_path / 'c.png'}"])
     out = capsys.readouterr().out
     assert "exactly right 0/5" in out and len(json.loads((tmp_path / "c.json").read_text())["results"]) == 2
     # the strip shows the last clip (2 frames): one frame (96 px + 6) narrower than clip 0's (3 frames)
-    stream.main(["--compare", f"{paths[0]},{paths[1]}", "--clip", "0", "--max_new_tokens", "1", "--device", "cpu",
-                 "--compare_png", str(tmp_path / "c0.png")])
+    live_compare.main([f"--ckpts={paths[0]},{paths[1]}", "--clip=0", "--max_new_tokens=1", "--device=cpu",
+                       f"--png={tmp_path / 'c0.png'}"])
     with Image.open(tmp_path / "c.png") as img, Image.open(tmp_path / "c0.png") as img0:
         assert img.size[0] == img0.size[0] - (96 + 6)
     tok = casa.get_tokenizer()
@@ -341,21 +339,21 @@ def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
         for clip in clips:
             cache = model.new_cache(1)
             for name in clip["images"]:
-                img = casa.load_image(data / name, model.config.image_size)[None]
+                img = load_image(data / name, model.config.image_size)[None]
                 ids = torch.tensor([casa.encode_turn(tok, casa.IMAGE)[0]])
                 gen = model.generate(ids, img, max_new_tokens=4, temperature=0, stop_token=stop, cache=cache)
                 want.append(tok.decode([t for t in gen[0, ids.size(1):].tolist() if t != stop]).replace("\n", " "))
         assert [f["text"] for f in frames] == want
 
 
-@pytest.mark.parametrize("bound", [[], ["--sink_tokens", "2", "--recent_tokens", "6"]])
+@pytest.mark.parametrize("bound", [[], ["--sink_tokens=2", "--recent_tokens=6"]])
 def test_compare_one_stream_carries_the_cache_across_clips(tmp_path, bound):
-    """--one_stream: the clips are one conversation. Each model's captions are what generate gives
+    """live_compare --one_stream: the clips are one conversation. Each model's captions are what generate gives
     with ONE cache for the whole stream (for CA with --recent_tokens, one bounded cache: the first 2
     and the last 6 text tokens; insertion keeps every frame, so it stays unbounded)."""
     data, names, clips, paths = two_clips_two_models(tmp_path)
-    results = stream.main(["--compare", f"{paths[0]},{paths[1]}", "--clip", "0-1", "--fps", "40", "--one_stream",
-                           "--max_new_tokens", "4", "--device", "cpu", *bound])
+    results = live_compare.main([f"--ckpts={paths[0]},{paths[1]}", "--clip=0-1", "--fps=40", "--one_stream",
+                                 "--max_new_tokens=4", "--device=cpu", *bound])
     tok = casa.get_tokenizer()
     stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
     for path in paths:
@@ -363,7 +361,7 @@ def test_compare_one_stream_carries_the_cache_across_clips(tmp_path, bound):
         kept = dict(sink_tokens=2, recent_tokens=6) if bound and not model.config.keeps_every_frame else {}
         cache, want, held = model.new_cache(1, **kept), [], []
         for name in names:
-            img = casa.load_image(data / "images" / name, model.config.image_size)[None]
+            img = load_image(data / "images" / name, model.config.image_size)[None]
             ids = torch.tensor([casa.encode_turn(tok, casa.IMAGE)[0]])
             gen = model.generate(ids, img, max_new_tokens=4, temperature=0, stop_token=stop, cache=cache)
             want.append(tok.decode([t for t in gen[0, ids.size(1):].tolist() if t != stop]).replace("\n", " "))
@@ -375,7 +373,30 @@ def test_compare_one_stream_carries_the_cache_across_clips(tmp_path, bound):
 
 
 def test_compare_refuses_frames_and_missing_checkpoints(tmp_path):
-    with pytest.raises(ValueError, match="--compare plays the dataset's validation clips"):
-        stream.main(["--compare", "a.pt,b.pt", "--frames", str(tmp_path)])
+    # it plays the dataset's validation clips: a folder of frames is live captioning's (stream.py)
+    with pytest.raises(SystemExit, match="unknown setting --frames"):
+        live_compare.main(["--ckpts=a.pt,b.pt", f"--frames={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        stream.main(["--compare", str(tmp_path / "missing.pt"), "--device", "cpu"])
+        live_compare.main([f"--ckpts={tmp_path / 'missing.pt'}", "--device=cpu"])
+    with pytest.raises(ValueError, match="give the checkpoints to compare"):
+        live_compare.main([])
+
+
+def test_core_scripts_run_without_experiments(tmp_path):
+    """stream.py and sample.py import only casa.py, configurator.py and data/: copied without
+    experiments/, they start (--help imports everything) and the benchmark runs."""
+    for name in ("casa.py", "configurator.py", "sample.py", "stream.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "data").mkdir()
+    for name in ("__init__.py", "common.py", "loader.py"):
+        shutil.copy(ROOT / "data" / name, tmp_path / "data" / name)
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                              env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"})
+
+    for script in ("sample.py", "stream.py"):
+        res = run(script, "--help")
+        assert res.returncode == 0 and "settings (--name=value)" in res.stdout, res.stderr
+    res = run("stream.py", "--bench", *(f"--{k}={v}" for k, v in TINY.items()), "--turns=2", "--variants=ca")
+    assert res.returncode == 0 and "all 4 turns match" in res.stdout, res.stderr
