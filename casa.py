@@ -866,7 +866,7 @@ class VLM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Prompts, images and checkpoints: the small conventions train.py, sample.py and stream.py share
+# Devices, prompts and checkpoints: the small conventions train.py, sample.py and stream.py share
 
 
 def pick_device(name="auto"):
@@ -887,23 +887,6 @@ def encode_turn(tokenizer, prompt, answer=None):
     if answer is not None:
         ids += tokenizer.encode(answer, disallowed_special=()) + tokenizer.encode(ENDOFTEXT, allowed_special={ENDOFTEXT})
     return ids, n_prompt
-
-
-def load_image(source, image_size):
-    """An image file (any size or mode) or a PIL image -> float tensor (3, image_size, image_size)
-    in [0, 1]: converted to RGB and resized, as the model expects."""
-    from PIL import Image
-
-    if not isinstance(source, Image.Image):
-        try:
-            source = Image.open(source)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {source}") from None
-        except OSError as e:
-            raise ValueError(f"cannot read image {source}: {e}") from None
-    img = source.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return data.view(image_size, image_size, 3).permute(2, 0, 1).float() / 255.0
 
 
 def save_checkpoint(path, model, **extra):

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for casa.py
-import casa  # noqa: E402
+import casa
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,23 +51,51 @@ class Sample:
 
 
 # -----------------------------------------------------------------------------
+# Image files
+
+
+def load_image(source, image_size):
+    """An image file (any size or mode) or a PIL image -> float tensor (3, image_size, image_size)
+    in [0, 1]: converted to RGB and resized, as the model expects."""
+    from PIL import Image
+
+    if not isinstance(source, Image.Image):
+        try:
+            source = Image.open(source)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {source}") from None
+        except OSError as e:
+            raise ValueError(f"cannot read image {source}: {e}") from None
+    img = source.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(image_size, image_size, 3).permute(2, 0, 1).float() / 255.0
+
+
+# -----------------------------------------------------------------------------
 # Finding a dataset
 
 
 def resolve_dataset(name, data_dir=DATA_DIR, prepare=True):
     """A dataset name or path -> the folder holding train.jsonl and val.jsonl.
     A path (existing folder, or containing a slash) is used as it is. A name is a folder under data/;
-    when its train.jsonl is missing and it has a prepare.py, that script is run to make it."""
+    when its train.jsonl is missing and it has a prepare.py, that script is run to make it, as a
+    module from the folder above data/ (python -m data.<name>.prepare), whatever the current folder."""
     import subprocess
 
     is_path = os.path.isdir(name) or os.sep in name or "/" in name
     folder = os.path.abspath(name) if is_path else os.path.join(data_dir, name)
     if os.path.exists(os.path.join(folder, "train.jsonl")):
         return folder
-    script = os.path.join(folder, "prepare.py")
-    if not is_path and prepare and os.path.exists(script):
-        print(f"dataset {name!r}: {folder}/train.jsonl not found, running {script}", flush=True)
-        subprocess.run([sys.executable, script], check=True)
+    if not is_path and prepare and os.path.exists(os.path.join(folder, "prepare.py")):
+        root, package = os.path.split(os.path.abspath(data_dir))  # the repo root, "data"
+        command = f"python -m {package}.{name}.prepare"
+        print(f"dataset {name!r}: {folder}/train.jsonl not found, running {command}", flush=True)
+        # from the repo root (and with it on PYTHONPATH), where casa, configurator and data/ import from
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        done = subprocess.run([sys.executable, "-m", f"{package}.{name}.prepare"], cwd=root, env=env)
+        if done.returncode != 0:
+            raise OSError(f"dataset {name!r}: `{command}` (in {root}) failed with exit code {done.returncode}; "
+                          "its error is printed above")
         if os.path.exists(os.path.join(folder, "train.jsonl")):
             return folder
     known = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)) and not d.startswith(("_", ".")))
@@ -254,7 +281,7 @@ class Dataset:
         for path in s.images:
             if path not in self._images:
                 try:
-                    img = casa.load_image(path, S)
+                    img = load_image(path, S)
                 except (OSError, ValueError) as e:
                     raise DataError(f"{s.where}: {e}") from None
                 self._images[path] = (img * 255).round().to(torch.uint8)  # exact: load_image gives k/255

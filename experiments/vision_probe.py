@@ -10,16 +10,15 @@ a linear classifier on its tokens (all N of them, concatenated, so where a thing
 is trained. When the probe reads an answer from the frozen tokens that the model itself gets wrong,
 the information reached the fusion and the language model did not learn to read it.
 
-    python experiments/vision_probe.py --dataset=charts --question=tallest     # ~1 min on one thread
-    python experiments/vision_probe.py --dataset=shapes --question="what shape" --learning_rate=1e-3
-    python experiments/vision_probe.py --ckpt=runs/video/insertion-s1/ckpt.pt --dataset=video \
+    python -m experiments.vision_probe --dataset=charts --question=tallest     # ~1 min on one thread
+    python -m experiments.vision_probe --dataset=shapes --question="what shape" --learning_rate=1e-3
+    python -m experiments.vision_probe --ckpt=runs/video/insertion-s1/ckpt.pt --dataset=video \
         --question="what shape was in the first frame"
 
 Samples with several images (video clips) are probed on their FIRST image, with the answer of the
 turn whose prompt matches (the memory questions of data/video ask about the first frame).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -28,9 +27,22 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import casa  # noqa: E402
-from data.loader import resolve_dataset  # noqa: E402
+import casa
+import configurator
+from data.loader import load_image, resolve_dataset
+
+# -----------------------------------------------------------------------------
+dataset = "charts"
+question = "tallest"  # a piece of the prompt that selects the samples
+steps = 500
+batch_size = 32
+learning_rate = 3e-3
+image_size = 32
+patch_size = 8
+seed = 1
+threads = 1
+ckpt = ""  # probe this trained model's frozen encoder (its image size) instead
+# -----------------------------------------------------------------------------
 
 
 def load_question(folder, split, question, image_size):
@@ -46,46 +58,36 @@ def load_question(folder, split, question, image_size):
                 paths.append(r["images"][0] if "images" in r else r["image"])
                 answers.append(match["answer"])
     if not paths:
-        sys.exit(f"no sample of {folder}/{split}.jsonl has a prompt containing {question!r}")
-    images = torch.stack([casa.load_image(os.path.join(folder, p), image_size) for p in paths])
+        sys.exit(f"error: no sample of {folder}/{split}.jsonl has a prompt containing {question!r}")
+    images = torch.stack([load_image(os.path.join(folder, p), image_size) for p in paths])
     return images, answers
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="charts")
-    p.add_argument("--question", default="tallest", help="a piece of the prompt that selects the samples")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--learning_rate", type=float, default=3e-3)
-    p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--patch_size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ckpt", default="", help="probe this trained model's frozen encoder (its image size) instead")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+def main(argv=None):
+    configurator.apply(globals(), argv)
+    torch.set_num_threads(threads)
     try:
-        folder = resolve_dataset(args.dataset)
+        folder = resolve_dataset(dataset)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    torch.manual_seed(args.seed)
-    if args.ckpt:  # a trained encoder, frozen; the classifier reads all its tokens
+    torch.manual_seed(seed)
+    if ckpt:  # a trained encoder, frozen; the classifier reads all its tokens
         try:
-            model, _ = casa.load_checkpoint(args.ckpt)
+            model, _ = casa.load_checkpoint(ckpt)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
         encoder, config = model.vision.requires_grad_(False).eval(), model.config
-        args.image_size = config.image_size
+        size = config.image_size
         features = lambda images: encoder(images).flatten(1)  # (M, N*C)
         n_features = config.n_image_tokens * config.n_embd
     else:  # a fresh encoder, trained with the classifier on its mean-pooled tokens
-        config = casa.Config(image_size=args.image_size, patch_size=args.patch_size)
+        config = casa.Config(image_size=image_size, patch_size=patch_size)
+        size = image_size
         encoder = casa.VLM(config).vision  # the VLM's initialisation
         features = lambda images: encoder(images).mean(1)  # (M, C)
         n_features = config.n_embd
-    x, answers = load_question(folder, "train", args.question, args.image_size)
-    xv, answers_v = load_question(folder, "val", args.question, args.image_size)
+    x, answers = load_question(folder, "train", question, size)
+    xv, answers_v = load_question(folder, "val", question, size)
     classes = sorted(set(answers))
     y = torch.tensor([classes.index(a) for a in answers])
     yv = torch.tensor([classes.index(a) if a in classes else -1 for a in answers_v])
@@ -93,19 +95,19 @@ def main():
 
     head = torch.nn.Linear(n_features, len(classes))
     params = [p for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
-    print(f"{args.dataset}, prompts with {args.question!r}: {len(y)} train / {len(yv)} val samples, "
-          f"{len(classes)} answers, majority answer {majority:.3f} of val; lr {args.learning_rate}"
-          + (f"; frozen encoder of {args.ckpt}" if args.ckpt else ""))
+    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.99), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    print(f"{dataset}, prompts with {question!r}: {len(y)} train / {len(yv)} val samples, "
+          f"{len(classes)} answers, majority answer {majority:.3f} of val; lr {learning_rate}"
+          + (f"; frozen encoder of {ckpt}" if ckpt else ""))
     t0 = time.time()
-    for step in range(1, args.steps + 1):
-        i = torch.randint(0, len(y), (args.batch_size,), generator=gen)
+    for step in range(1, steps + 1):
+        i = torch.randint(0, len(y), (batch_size,), generator=gen)
         loss = F.cross_entropy(head(features(x[i])), y[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % max(1, args.steps // 5) == 0 or step == args.steps:
+        if step % max(1, steps // 5) == 0 or step == steps:
             with torch.no_grad():
                 acc = (head(features(xv)).argmax(-1) == yv).float().mean().item()
             print(f"step {step}: train loss {loss.item():.3f}, val accuracy {acc:.3f} ({time.time() - t0:.0f} s)")

@@ -11,6 +11,7 @@ import torch
 
 import casa
 from conftest import TINY_MODEL, run, write_tiny_dataset
+from data.loader import load_image
 from experiments import accuracy, attention, efficiency, plots, runs, token_scale, video, vision_probe
 
 
@@ -190,6 +191,35 @@ def test_activation_bytes_counts_saved_tensors_once_and_leaves_weights_out():
     assert efficiency.activation_bytes(Tiny(), None, images, None) == 4 * 8 * 4 + 4 * 16 * 4
 
 
+def test_efficiency_draws_the_stream_picture_from_the_bench_records(tmp_path):
+    # stream.py --bench writes the records (--json); efficiency.py draws them (stream.py draws nothing)
+    import stream
+
+    records = stream.benchmark(log=lambda *a: None, turns=3, variants="ca,insertion", n_layer=2, n_head=2, n_embd=32,
+                               image_tokens=16, gen_tokens=3, n_vis_layer=1, n_vis_head=2, n_vis_embd=32, warmup=1,
+                               device="cpu", json=str(tmp_path / "b.json"))
+    assert len(records) == 9  # ca, insertion and the text-only row
+    efficiency.main([f"--stream_json={tmp_path / 'b.json'}", f"--png={tmp_path / 'b.png'}"])
+    with plots.Image.open(tmp_path / "b.png") as img:
+        assert img.size[0] > 800 and img.size[1] > 300
+    with pytest.raises(SystemExit, match="give its path too, --png=PATH"):
+        efficiency.main([f"--stream_json={tmp_path / 'b.json'}"])
+
+
+def test_kv_projection_of_the_paper_backbones():
+    # moved with --analytic from stream.py: an independent count of K/V bytes per token under GQA
+    from experiments import kv_projection
+
+    rows = {r["variant"]: r for r in kv_projection.projection_rows("Qwen2.5-VL-3B", image_tokens=1024, text_tokens=16)}
+    per_token = 36 * 2 * 2 * 128 * 2  # layers, K and V, 2 K/V heads (GQA), head_dim, bf16
+    assert rows["insertion"]["per_turn"] == (1024 + 16) * per_token
+    assert rows["ca"]["per_turn"] == 16 * per_token
+    k = rows["insertion"]["turn_over_budget"]
+    assert rows["insertion"]["kv_1"] + (k - 1) * rows["insertion"]["per_turn"] > 80e9
+    assert rows["insertion"]["kv_1"] + (k - 2) * rows["insertion"]["per_turn"] <= 80e9
+    assert rows["ca"]["turn_over_budget"] > 50 * k
+
+
 def test_mass_on_averages_attention_mass_over_length_groups(tmp_path):
     data_dir = write_tiny_dataset(tmp_path / "data", n_val=6)
     torch.manual_seed(0)
@@ -209,7 +239,7 @@ def test_mass_on_averages_attention_mass_over_length_groups(tmp_path):
 
 def tiny_video_checkpoint(tmp_path):
     """tmp_path/video (2 training, 12 validation clips) and tmp_path/ckpt.pt, a tiny random ca model on it."""
-    run("data/video/prepare.py", "--out", tmp_path / "video", "--n_train", 2, "--n_val", 12)
+    run("data.video.prepare", "--out", tmp_path / "video", "--n_train", 2, "--n_val", 12, module=True)
     config = casa.Config(variant="ca", n_layer=1, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
                          image_size=16, patch_size=8, block_size=512)
     casa.save_checkpoint(tmp_path / "ckpt.pt", casa.VLM(config), dataset_dir=str(tmp_path / "video"))
@@ -222,10 +252,10 @@ def test_vision_probe_reads_a_clip_question_from_its_first_frame_and_a_frozen_en
     with open(tmp_path / "video" / "val.jsonl") as f:
         clips = [c for c in map(json.loads, f) if question in c["turns"][-1]["prompt"]]
     assert len(clips) > 0 and answers == [c["turns"][-1]["answer"] for c in clips]
-    first = torch.stack([casa.load_image(str(tmp_path / "video" / c["images"][0]), 16) for c in clips])
+    first = torch.stack([load_image(str(tmp_path / "video" / c["images"][0]), 16) for c in clips])
     assert torch.equal(images, first)
-    out = run("experiments/vision_probe.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--dataset={tmp_path / 'video'}",
-              "--question=what color was", "--steps=4", "--batch_size=4").stdout
+    out = run("experiments.vision_probe", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--dataset={tmp_path / 'video'}",
+              "--question=what color was", "--steps=4", "--batch_size=4", module=True).stdout
     assert "frozen encoder of" in out and "step 4: " in out
 
 
@@ -255,7 +285,7 @@ def test_token_scale_measures_the_encoder_output_and_the_text_embeddings_where_t
         else:
             assert abs(got[2][0] - img_rms) > 1e-4
     tiny_video_checkpoint(tmp_path)  # the command line, on a checkpoint and its validation clips
-    out = run("experiments/token_scale.py", f"--ckpt={tmp_path / 'ckpt.pt'}", "--samples=4").stdout
+    out = run("experiments.token_scale", f"--ckpt={tmp_path / 'ckpt.pt'}", "--samples=4", module=True).stdout
     assert "trained  block 0: image" in out and "at init  block 0: image" in out
 
 
@@ -327,15 +357,17 @@ def test_video_jobs_train_blind_as_ca_on_blank_frames():
 
 
 def test_only_a_default_run_counts_as_published():
-    import argparse
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", default="shapes,text")
-    parser.add_argument("--seeds", default="1,2,3")
-    assert runs.is_default(parser, parser.parse_args([]))
-    assert runs.is_default(parser, parser.parse_args(["--seeds=1,2,3"]))  # spelled out, still the default
-    assert not runs.is_default(parser, parser.parse_args(["--tasks=shapes"]))
-    parser.add_argument("--threads", type=int, default=1)  # how runs share the machine, not what they compute
-    assert runs.is_default(parser, parser.parse_args(["--threads=2"]))
+    import configurator
+    defaults = dict(tasks="shapes,text", seeds="1,2,3")
+
+    def settings(*argv):  # a script's settings after its command line
+        return {**defaults, **configurator.parse(list(argv), defaults)}
+
+    assert runs.is_default(settings(), defaults)
+    assert runs.is_default(settings("--seeds=1,2,3"), defaults)  # spelled out, still the default
+    assert not runs.is_default(settings("--tasks=shapes"), defaults)
+    defaults["threads"] = 1  # how runs share the machine, not what they compute
+    assert runs.is_default(settings("--threads=2"), defaults)
 
 
 def test_streamed_answers_equal_one_full_forward_unless_the_cache_is_bounded(tmp_path):
@@ -343,7 +375,7 @@ def test_streamed_answers_equal_one_full_forward_unless_the_cache_is_bounded(tmp
     exactly what one full forward of the whole clip predicts; a small bound changes predictions."""
     from data.loader import Dataset
 
-    run("data/video/prepare.py", "--out", tmp_path / "video", "--n_train", 2, "--n_val", 6)
+    run("data.video.prepare", "--out", tmp_path / "video", "--n_train", 2, "--n_val", 6, module=True)
     torch.manual_seed(0)
     config = casa.Config(variant="ca", n_layer=2, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
                          image_size=16, patch_size=8, block_size=512)

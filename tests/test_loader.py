@@ -11,7 +11,7 @@ from conftest import write_tiny_dataset
 from PIL import Image
 
 import casa
-from data.loader import DataError, Dataset, eval_batches, resolve_dataset, text_tokens, typical_image_side
+from data.loader import DataError, Dataset, eval_batches, load_image, resolve_dataset, text_tokens, typical_image_side
 
 S = 16
 TOK = casa.get_tokenizer()
@@ -165,14 +165,18 @@ def test_block_size_error(tmp_path):
     ds.check_block_size(53)  # marker + 50 + <|answer|> + y + <|endoftext|>, minus the last
 
 
-def test_resolve_dataset_paths_names_and_auto_prepare(tmp_path):
+def test_resolve_dataset_paths_names_and_auto_prepare(tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     (data_dir / "toy").mkdir(parents=True)
-    # a built-in dataset without its files: its prepare.py runs once
+    # a built-in dataset without its files: its prepare.py runs once, as a module (python -m
+    # data.toy.prepare from the folder above data/), whatever the current folder is
     (data_dir / "toy" / "prepare.py").write_text(
-        "import os\nhere = os.path.dirname(os.path.abspath(__file__))\n"
+        "import os\nassert __spec__.name == 'data.toy.prepare', __spec__\n"
+        "here = os.path.dirname(os.path.abspath(__file__))\n"
         "for s in ('train', 'val'):\n"
         "    open(os.path.join(here, s + '.jsonl'), 'w').write('{\"prompt\": \"q\", \"answer\": \"a\"}\\n')\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert resolve_dataset("toy", data_dir=str(data_dir)) == str(data_dir / "toy")
     assert (data_dir / "toy" / "train.jsonl").exists()
     assert len(Dataset(str(data_dir / "toy"), "val", S)) == 1
@@ -181,3 +185,26 @@ def test_resolve_dataset_paths_names_and_auto_prepare(tmp_path):
     assert resolve_dataset(str(own), data_dir=str(data_dir)) == str(own)
     with pytest.raises(FileNotFoundError, match=r"no train.jsonl.*built-in names: toy"):
         resolve_dataset("nope", data_dir=str(data_dir))
+    # a prepare script that fails: one error that names the command (its own message went to stderr)
+    (data_dir / "broken").mkdir()
+    (data_dir / "broken" / "prepare.py").write_text("raise SystemExit('error: out of disk')\n")
+    with pytest.raises(OSError, match=r"dataset 'broken': `python -m data.broken.prepare` \(in .*\) failed with exit code 1"):
+        resolve_dataset("broken", data_dir=str(data_dir))
+
+
+def test_load_image(tmp_path):
+    PIL = pytest.importorskip("PIL.Image")
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*nope\.png"):
+        load_image(str(tmp_path / "nope.png"), 16)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"cannot read image"):
+        load_image(str(tmp_path / "bad.png"), 16)
+    # any mode and size -> (3, S, S) floats in [0, 1], values from the RGB pixels
+    img = PIL.new("L", (20, 12), color=51)  # grayscale
+    img.save(tmp_path / "gray.png")
+    x = load_image(str(tmp_path / "gray.png"), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    torch.testing.assert_close(x, torch.full((3, 16, 16), 51 / 255))
+    rgba = PIL.new("RGBA", (16, 16), color=(255, 0, 102, 10))
+    x = load_image(rgba, 16)
+    torch.testing.assert_close(x[:, 3, 5], torch.tensor([1.0, 0.0, 0.4]))

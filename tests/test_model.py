@@ -7,14 +7,12 @@ Tiny configs on CPU; the whole file runs in seconds. Run: python -m pytest tests
 
 import math
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import casa  # noqa: E402
+import casa
 
 VARIANTS = list(casa.VARIANTS)
 CA_VARIANTS = [v for v in VARIANTS if not casa.VARIANTS[v]["insert_images"]]
@@ -811,24 +809,6 @@ def test_checkpoints_and_state_dicts(tmp_path):
             if keys[a] != keys[b]:
                 with pytest.raises(RuntimeError, match=r"(Missing|Unexpected) key\(s\) in state_dict"):
                     make_model(a).load_state_dict(make_model(b).state_dict())
-
-
-def test_load_image(tmp_path):
-    PIL = pytest.importorskip("PIL.Image")
-    with pytest.raises(FileNotFoundError, match=r"image file not found: .*nope\.png"):
-        casa.load_image(str(tmp_path / "nope.png"), 16)
-    (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=r"cannot read image"):
-        casa.load_image(str(tmp_path / "bad.png"), 16)
-    # any mode and size -> (3, S, S) floats in [0, 1], values from the RGB pixels
-    img = PIL.new("L", (20, 12), color=51)  # grayscale
-    img.save(tmp_path / "gray.png")
-    x = casa.load_image(str(tmp_path / "gray.png"), 16)
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
-    torch.testing.assert_close(x, torch.full((3, 16, 16), 51 / 255))
-    rgba = PIL.new("RGBA", (16, 16), color=(255, 0, 102, 10))
-    x = casa.load_image(rgba, 16)
-    torch.testing.assert_close(x[:, 3, 5], torch.tensor([1.0, 0.0, 0.4]))
 
 
 # -----------------------------------------------------------------------------
