@@ -22,6 +22,7 @@ checkpoints, analysis helpers.
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -871,12 +872,43 @@ class VLM(nn.Module):
 
 def pick_device(name="auto"):
     """The device train.py, sample.py and stream.py run on: 'auto' is CUDA if there is one, then
-    Apple's MPS, then the CPU; any other name is taken as it is."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    Apple's MPS, then the CPU; any other name must be a device torch knows and this machine has
+    (ValueError with the fix otherwise, before any work is done)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+        index = torch.device(name).index
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}, but Apple's MPS is not available here: use --device=cpu (or auto)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported here: use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def pick_threads(requested=0):
+    """CPU threads for torch: `requested` when > 0, else the cores that are idle now (the cores this
+    process may use, less the 1-minute load average; at least 1). Threads that outnumber the idle
+    cores wait on each other: on 2 cores beside one busy job, 2 threads run many times slower than 1.
+    Returns (threads, why) so a script can print what it chose."""
+    if requested > 0:
+        return requested, "--threads"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every system (Windows)
+        return cores, f"{cores} cores"
+    n = max(1, min(cores, cores - round(load)))
+    return n, f"{cores} cores, load {load:.1f}"
 
 
 def encode_turn(tokenizer, prompt, answer=None):

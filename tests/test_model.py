@@ -1054,3 +1054,22 @@ def test_tokenizer_bytes_round_trip_and_specials(monkeypatch):
     assert ids == [257, 104, 105, 258, 121, 111, 256] and n_prompt == 4
 
 
+
+
+def test_pick_device_refuses_what_this_machine_does_not_have():
+    assert casa.pick_device("cpu") == "cpu" and casa.pick_device("auto") in ("cpu", "cuda", "mps")
+    for name, says in [("banana", "unknown device"), ("meta", "not supported"), ("cuda:99", "cuda")]:
+        with pytest.raises(ValueError, match=says):
+            casa.pick_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            casa.pick_device("cuda")
+
+
+def test_pick_threads_leaves_busy_cores_alone(monkeypatch):
+    """Idle cores = the cores this process may use less the 1-minute load, at least 1."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for load, want in [(0.0, 4), (1.2, 3), (3.6, 1), (9.0, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert casa.pick_threads(0)[0] == want
+    assert casa.pick_threads(7) == (7, "--threads")
