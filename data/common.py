@@ -11,6 +11,7 @@ repo root as a module: python -m data.<name>.prepare
 """
 
 import functools
+import glob
 import json
 import os
 import random
@@ -117,38 +118,50 @@ def write_dataset(name, make_sample, out, n_train, n_val, seed):
 
     Every file appears whole (written under a temporary name, then renamed), and train.jsonl
     appears last: train.py takes a folder with a train.jsonl as ready, so a run started while
-    another one prepares the same dataset never reads a half-written file."""
+    another one prepares the same dataset never reads a half-written file. A run that fails (a full
+    disk) or is interrupted leaves no temporary file behind."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     tmp = f".{os.getpid()}.tmp"  # per process: two preparers never write the same temporary file
     n_lines = n_images = 0
-    for split, n in (("val", n_val), ("train", n_train)):
-        # one RNG stream per split; a string seed is hashed with sha512 by
-        # random.Random, so it is stable across runs and PYTHONHASHSEED
-        rng = random.Random(f"{name}/{split}/{seed}")
-        path = os.path.join(out, f"{split}.jsonl")
-        with open(path + tmp, "w", encoding="utf-8", newline="\n") as f:
-            for i in range(n):
-                record, images = make_sample(rng, f"{split}_{i:05d}")
-                for image_path, img in images:
-                    img.save(os.path.join(out, image_path) + tmp, format="PNG")
-                    os.replace(os.path.join(out, image_path) + tmp, os.path.join(out, image_path))
-                records = record if isinstance(record, list) else [record]
-                f.writelines(json.dumps(r) + "\n" for r in records)
-                n_lines, n_images = n_lines + len(records), n_images + len(images)
-        os.replace(path + tmp, path)
+    try:
+        for split, n in (("val", n_val), ("train", n_train)):
+            # one RNG stream per split; a string seed is hashed with sha512 by
+            # random.Random, so it is stable across runs and PYTHONHASHSEED
+            rng = random.Random(f"{name}/{split}/{seed}")
+            path = os.path.join(out, f"{split}.jsonl")
+            with open(path + tmp, "w", encoding="utf-8", newline="\n") as f:
+                for i in range(n):
+                    record, images = make_sample(rng, f"{split}_{i:05d}")
+                    for image_path, img in images:
+                        img.save(os.path.join(out, image_path) + tmp, format="PNG")
+                        os.replace(os.path.join(out, image_path) + tmp, os.path.join(out, image_path))
+                    records = record if isinstance(record, list) else [record]
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+                    n_lines, n_images = n_lines + len(records), n_images + len(images)
+            os.replace(path + tmp, path)
+    except BaseException:
+        for left in glob.glob(os.path.join(glob.escape(out), "**", "*" + tmp), recursive=True):
+            os.remove(left)
+        raise
     return n_lines, n_images
 
 
 def prepare(name, make_sample, out, n_train, n_val, seed):
-    """A prepare script's work, once configurator has set its settings: write the dataset, say what
-    was written."""
-    if n_train < 0 or n_val < 0:
-        sys.exit(f"error: --n_train and --n_val must be at least 0, got {n_train} and {n_val}")
+    """A prepare script's work, once configurator has set its settings: check them, write the
+    dataset, say what was written. Every problem ends the script with one error line."""
+    for key, n in (("n_train", n_train), ("n_val", n_val)):
+        if n < 1:  # train.py needs both splits: an empty one is an error there
+            sys.exit(f"error: --{key} must be at least 1 (a dataset needs training and validation samples), got {n}")
+    if not out or (os.path.exists(out) and not os.path.isdir(out)):
+        sys.exit(f"error: --out={out!r} is {'empty' if not out else 'a file'}: give a folder (made if missing)")
     t0 = time.time()
     try:
         n_lines, n_images = write_dataset(name, make_sample, out, n_train, n_val, seed)
-    except OSError as e:  # --out not a folder one can write to
+    except OSError as e:  # a folder one cannot write to, a full disk
         sys.exit(f"error: cannot write {name} to {out}: {e}")
+    except KeyboardInterrupt:
+        print(f"interrupted: {out} holds part of the {name} files; run again to write them all", file=sys.stderr)
+        sys.exit(130)
     what = f"{n_train} train / {n_val} val samples" if n_lines == n_train + n_val else \
         f"{n_train} train / {n_val} val images, {n_lines} questions"
     print(f"{name}: wrote {what} ({n_images} images) to {out} in {time.time() - t0:.1f}s")

@@ -6,15 +6,18 @@ The folder format (the one users bring their own data in):
     my_data/
         train.jsonl     one sample per line
         val.jsonl
-        images/...      any layout; paths in the jsonl are relative to the folder
+        images/...      any layout; paths in the jsonl are relative to the folder and stay inside it
 
     {"images": ["images/a.png", ...], "turns": [{"prompt": "...", "answer": "..."}, ...], "task": "..."}
     {"image": "images/a.png", "prompt": "...", "answer": "...", "task": "..."}      (shorthand)
 
 <|image|> markers in the prompts bind the images in order. A sample with one image and no marker
 gets the marker at the start of its first prompt. "task" is optional (accuracy is reported per task
-when a dataset has several); other keys are ignored. Every problem is reported as one error naming
-the file and the line.
+when a dataset has several); other keys are ignored. The files are UTF-8. Every problem is reported
+as one DataError (a ValueError) naming the file, the line and the field.
+
+Images are read by load_image: turned upright by their EXIF orientation, 16-bit and float images
+scaled to [0, 1], transparent pixels composited on white, then resized to the model's image_size.
 
 A sample's tokens are its turns one after the other, each `prompt <|answer|> answer <|endoftext|>`
 (casa.encode_turn); the loss is on the answer tokens and their <|endoftext|> only. A sample longer
@@ -22,10 +25,12 @@ than the model's block_size is an error (not truncated: a cut answer would teach
 mid-word); train.py's default block_size=0 fits the longest sample.
 """
 
+import io
 import json
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -54,21 +59,60 @@ class Sample:
 # Image files
 
 
-def load_image(source, image_size):
-    """An image file (any size or mode) or a PIL image -> float tensor (3, image_size, image_size)
-    in [0, 1]: converted to RGB and resized, as the model expects."""
-    from PIL import Image
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as most viewers show them
 
-    if not isinstance(source, Image.Image):
+
+def load_image(source, image_size):
+    """An image file (any size, mode or format) or a PIL image -> float tensor (3, image_size, image_size)
+    in [0, 1], as the model expects: turned upright by its EXIF orientation (phone photos), converted
+    to RGB by to_rgb() and resized. A missing file raises FileNotFoundError; a file that cannot be
+    decoded (not an image, corrupt, truncated) or that is over Pillow's size guard (a "decompression
+    bomb", its warning included) raises one ValueError naming the file."""
+    from PIL import Image, ImageOps
+
+    if isinstance(source, Image.Image):
+        img = ImageOps.exif_transpose(source)
+    else:
         try:
-            source = Image.open(source)
+            with warnings.catch_warnings():  # Pillow only warns between 1x and 2x its pixel limit
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(source) as f:
+                    f.load()  # decode it all now: a truncated file fails here, not later
+                    img = ImageOps.exif_transpose(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"image file not found: {source}") from None
-        except OSError as e:
-            raise ValueError(f"cannot read image {source}: {e}") from None
-    img = source.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # not OSErrors
+            raise ValueError(f"image {source} is too large to read: {str(e).rstrip('.')} (Pillow's guard against "
+                             f"decompression bombs); shrink it first, the model sees it at {image_size}x{image_size} "
+                             "pixels") from None
+        except Exception as e:  # a decoder meeting a bad file may raise OSError, SyntaxError, EOFError, ...
+            raise ValueError(f"cannot read image {source}: {e or type(e).__name__}") from None
+    img = to_rgb(img).resize((image_size, image_size), Image.BICUBIC)
     data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return data.view(image_size, image_size, 3).permute(2, 0, 1).float() / 255.0
+
+
+def to_rgb(img):
+    """A PIL image of any mode -> 8-bit RGB, the colours a viewer shows. Pillow's convert("RGB") alone
+    would clamp 16-bit and float values to 0..255 (a 16-bit photo turns white, a float one black) and
+    drop transparency (keeping the colour hidden under it), so:
+    - 16-bit integer images (modes I;16..., and I) are scaled by 1/65535; values outside clip to [0, 1];
+    - float images (mode F) are taken to be in [0, 1] already; values outside (and NaN) clip to it;
+    - transparent pixels (RGBA, LA, PA, or a P/L/RGB image with a transparent colour) are composited
+      on BACKGROUND (white).
+    Every other image (RGB, L, P, 1, CMYK, ...) converts as Pillow converts it."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(np.nan_to_num(a if img.mode == "F" else a / 65535), 0.0, 1.0)
+        img = Image.fromarray((a * 255).round().astype(np.uint8))  # mode L
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        background = Image.new("RGBA", img.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
 
 
 # -----------------------------------------------------------------------------
@@ -120,20 +164,29 @@ def bind_images(prompts, n_images, where=""):
     return prompts
 
 
+def json_type(x):
+    """The JSON name of a value's type, for error messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(x), type(x).__name__)
+
+
 def parse_line(line, folder, where):
-    """One jsonl line -> Sample (not tokenized). Raises DataError naming `where`."""
+    """One jsonl line -> Sample (not tokenized). Raises DataError naming `where` and the field."""
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits, lists nested 1000 deep
+        raise DataError(f"{where}: not valid JSON ({e or type(e).__name__})") from None
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {json_type(rec)}")
 
     def need_str(d, key, ctx=""):
         if key not in d:
             raise DataError(f"{where}: missing field {key!r}{ctx}")
         if not isinstance(d[key], str):
-            raise DataError(f"{where}: field {key!r}{ctx} must be a string, got {type(d[key]).__name__}")
+            raise DataError(f"{where}: field {key!r}{ctx} must be a string, got {json_type(d[key])}")
         return d[key]
 
     # turns
@@ -142,11 +195,13 @@ def parse_line(line, folder, where):
             raise DataError(f"{where}: give either 'turns' or 'prompt'/'answer', not both")
         turns = rec["turns"]
         if not isinstance(turns, list) or not turns:
-            raise DataError(f"{where}: 'turns' must be a non-empty list of {{\"prompt\": ..., \"answer\": ...}}")
+            got = "an empty list" if turns == [] else json_type(turns)
+            raise DataError(f"{where}: field 'turns' must be a non-empty list of {{\"prompt\": ..., \"answer\": ...}}"
+                            f" objects, got {got}")
         pairs = []
         for i, t in enumerate(turns):
             if not isinstance(t, dict):
-                raise DataError(f"{where}: turn {i} must be an object with 'prompt' and 'answer'")
+                raise DataError(f"{where}: turn {i} must be an object with 'prompt' and 'answer', got {json_type(t)}")
             pairs.append((need_str(t, "prompt", f" in turn {i}"), need_str(t, "answer", f" in turn {i}")))
     elif "prompt" in rec or "answer" in rec:
         pairs = [(need_str(rec, "prompt"), need_str(rec, "answer"))]
@@ -161,21 +216,53 @@ def parse_line(line, folder, where):
     # images
     if "image" in rec and "images" in rec:
         raise DataError(f"{where}: give either 'image' or 'images', not both")
-    images = rec.get("images", [rec["image"]] if "image" in rec else [])
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        raise DataError(f"{where}: 'images' must be a list of paths (strings); 'image' a single path")
-    paths = []
-    for p in images:
-        full = os.path.join(folder, p)
-        if not os.path.isfile(full):
-            raise DataError(f"{where}: image file not found: {p} (looked for {full})")
-        paths.append(full)
+    if "image" in rec:
+        images = [need_str(rec, "image")]
+    else:
+        images = rec.get("images", [])
+        if not isinstance(images, list):
+            raise DataError(f"{where}: field 'images' must be a list of paths (strings), got {json_type(images)}")
+        for i, p in enumerate(images):
+            if not isinstance(p, str):
+                raise DataError(f"{where}: field 'images' item {i} must be a string (a path), got {json_type(p)}")
+    paths = [image_path(folder, p, where) for p in images]
 
     task = rec.get("task", "")
     if not isinstance(task, str):
-        raise DataError(f"{where}: 'task' must be a string")
+        raise DataError(f"{where}: field 'task' must be a string, got {json_type(task)}")
     prompts = bind_images([p for p, _ in pairs], len(paths), where=f"{where}: ")
     return Sample(where=where, images=paths, turns=list(zip(prompts, [a for _, a in pairs])), task=task)
+
+
+def image_path(folder, path, where):
+    """An image path of a jsonl line -> the file's full path. It must be relative to the dataset folder
+    and stay inside it ("images/../a.png" does; "/a.png" and "../a.png" do not). The path is checked
+    as written, not where it leads: a symlink inside the folder may point anywhere."""
+    norm = os.path.normpath(path)
+    if os.path.isabs(path) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        how = "is absolute" if os.path.isabs(path) else "leaves the dataset folder"
+        raise DataError(f"{where}: image path {path!r} {how}; image paths are relative to the dataset folder "
+                        f"({folder}) and stay inside it: copy or link the images into the folder")
+    full = os.path.join(folder, path)
+    if not os.path.isfile(full):
+        raise DataError(f"{where}: image file not found: {path} (looked for {full})")
+    return full
+
+
+def read_lines(path):
+    """[(line number, line)] of the non-blank lines of a jsonl file, read as UTF-8 (a leading byte-order
+    mark is skipped). A byte that is not UTF-8 is a DataError naming its line and column."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}): "
+                        "save the file as UTF-8") from None
+    lines = io.StringIO(text, newline=None)  # \n, \r\n or \r ends a line, as in a file opened as text
+    return [(lineno, line) for lineno, line in enumerate(lines, start=1) if line.strip()]
 
 
 def read_split(folder, split):
@@ -183,13 +270,9 @@ def read_split(folder, split):
     path = os.path.join(folder, f"{split}.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found (a dataset folder needs train.jsonl and val.jsonl)")
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                samples.append(parse_line(line, folder, f"{path}:{lineno}"))
+    samples = [parse_line(line, folder, f"{path}:{lineno}") for lineno, line in read_lines(path)]
     if not samples:
-        raise DataError(f"{path}: no samples")
+        raise DataError(f"{path}: no samples, the file is empty; write one JSON sample per line (data/README.md)")
     return samples
 
 
@@ -200,21 +283,20 @@ def typical_image_side(folder, split="train", n=100):
 
     path = os.path.join(folder, f"{split}.jsonl")
     seen, sides = set(), []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if len(seen) >= n:
-                break
-            if not line.strip():
+    for lineno, line in read_lines(path):
+        if len(seen) >= n:
+            break
+        for image in parse_line(line, folder, f"{path}:{lineno}").images:
+            if image in seen:
                 continue
-            for image in parse_line(line, folder, f"{path}:{lineno}").images:
-                if image in seen:
-                    continue
-                seen.add(image)
-                try:
+            seen.add(image)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
                     with Image.open(image) as img:
                         sides.append(min(img.size))
-                except OSError:  # a broken file: the full read (Dataset) names its line
-                    pass
+            except Exception:  # a broken or oversized file: the full read (Dataset) names its line
+                pass
     return sorted(sides)[len(sides) // 2] if sides else None
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -227,8 +228,14 @@ def test_images_any_size_and_mode(tmp_path):
         img = ds.sample_images(ds.samples[i])
         assert img.shape == (1, 3, S, S) and img.dtype == torch.float32
         assert img.min() >= 0.0 and img.max() <= 1.0
-        # independent reference: Pillow RGB conversion and resize
-        ref = Image.open(folder / rel).convert("RGB").resize((S, S), Image.BICUBIC)
+        # independent reference: Pillow's RGB conversion (a transparent image composited on white by
+        # hand first) and resize
+        ref = Image.open(folder / rel)
+        if ref.mode == "RGBA":
+            a = np.asarray(ref, dtype=np.float64)
+            alpha = a[..., 3:] / 255
+            ref = Image.fromarray((a[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8))
+        ref = ref.convert("RGB").resize((S, S), Image.BICUBIC)
         ref = torch.tensor(list(ref.tobytes()), dtype=torch.float32).view(S, S, 3).permute(2, 0, 1) / 255.0
         assert torch.allclose(img[0], ref, atol=1 / 255 + 1e-6), rel
     # solid colours come out as those colours
@@ -236,6 +243,8 @@ def test_images_any_size_and_mode(tmp_path):
     assert torch.allclose(red[:, 5, 5], torch.tensor([1.0, 0.0, 0.0]))
     gray = ds.sample_images(ds.samples[rels.index("images/gray.png")])[0]
     assert torch.allclose(gray[:, 5, 5], torch.full((3,), 128 / 255))
+    green = ds.sample_images(ds.samples[rels.index("images/rgba.png")])[0]  # (0, 255, 0) at alpha 100, on white
+    assert torch.allclose(green[:, 5, 5], torch.tensor([155, 255, 155]) / 255, atol=1 / 255)
     # blind: zeros of the same shape
     blind = Dataset(str(folder), "train", S, blind=True)
     z = blind.sample_images(blind.samples[0])

@@ -205,6 +205,7 @@ def test_load_image(tmp_path):
     x = load_image(str(tmp_path / "gray.png"), 16)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     torch.testing.assert_close(x, torch.full((3, 16, 16), 51 / 255))
-    rgba = PIL.new("RGBA", (16, 16), color=(255, 0, 102, 10))
+    rgba = PIL.new("RGBA", (16, 16), color=(255, 0, 102, 10))  # almost transparent: almost the white background
     x = load_image(rgba, 16)
-    torch.testing.assert_close(x[:, 3, 5], torch.tensor([1.0, 0.0, 0.4]))
+    want = (torch.tensor([255, 0, 102]) * 10 + 255 * 245) / 255 / 255
+    torch.testing.assert_close(x[:, 3, 5], want, atol=1 / 255, rtol=0)

@@ -272,6 +272,27 @@ def test_train_jsonl_appears_last_and_whole(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_failed_write_leaves_no_temporary_file(tmp_path):
+    # a full disk in the middle of an image (after val.jsonl is done): the error goes on, and no
+    # half-written image or jsonl is left behind under its temporary name
+    from data.common import write_dataset
+
+    class FullDisk:
+        def save(self, path, format):
+            with open(path, "wb") as f:
+                f.write(b"half a png")
+            raise OSError(28, "No space left on device")
+
+    def make_sample(rng, stem):
+        img = FullDisk() if stem == "train_00001" else Image.new("RGB", (4, 4))
+        return {"image": f"images/{stem}.png", "prompt": "q", "answer": "a"}, [(f"images/{stem}.png", img)]
+
+    with pytest.raises(OSError, match="No space left on device"):
+        write_dataset("toy", make_sample, str(tmp_path), n_train=3, n_val=2, seed=1)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.*")) == [
+        "images/train_00000.png", "images/val_00000.png", "images/val_00001.png", "val.jsonl"]
+
+
 def test_two_preparers_at_once_write_what_one_writes(generated, tmp_path):
     # two runs started together on a fresh clone may both prepare the same dataset into one folder
     n_train, n_val = SMALL["shapes"]
