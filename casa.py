@@ -923,34 +923,76 @@ def encode_turn(tokenizer, prompt, answer=None):
 
 def save_checkpoint(path, model, **extra):
     """Write {'model': state_dict, 'config': dict, **extra} atomically: a temporary file in the same
-    folder, then a rename, so an interrupted save never leaves a broken checkpoint behind."""
+    folder, then a rename, so an interrupted save never leaves a broken checkpoint behind. A failed
+    save (an error, Ctrl-C, SIGTERM) removes its temporary file; a full disk raises OSError(ENOSPC)
+    that says so (torch reports it as a RuntimeError, 'basic_ios::clear: iostream error')."""
     import dataclasses
-    import os
+    import errno
+    import shutil
 
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     ckpt = {"model": raw.state_dict(), "config": dataclasses.asdict(raw.config), **extra}
+    folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        full = getattr(e, "errno", None) == errno.ENOSPC or (
+            isinstance(e, RuntimeError) and shutil.disk_usage(folder).free < 2**20)  # measured with tmp still there
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if full:
+            why = f"no space left on device: {path} not written (free space in {folder})"
+            raise OSError(errno.ENOSPC, why) from None
+        raise
+
+
+# The largest sizes a checkpoint's config may name: far above anything trained here, small enough
+# that a damaged or foreign config cannot make load_checkpoint build a model without bound.
+CHECKPOINT_LIMITS = dict(block_size=1 << 20, vocab_size=1 << 20, n_layer=1024, n_head=1024, n_embd=1 << 16,
+                         image_size=1 << 14, patch_size=1 << 14, n_vis_layer=1024, n_vis_head=1024, n_vis_embd=1 << 16)
 
 
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model a checkpoint was saved from. Returns (model, checkpoint dict).
-    Loads with weights_only=True: a checkpoint holds tensors and plain Python values only."""
-    import os
-
+    Loads with weights_only=True: a checkpoint holds tensors and plain Python values only. Its config
+    is checked before any model is built: sizes within CHECKPOINT_LIMITS, and the sizes of the
+    weights in the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (train one with: python train.py --out_dir=...)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # not a torch file at all (text, empty, truncated, foreign pickle)
         raise ValueError(f"{path} is not a casa checkpoint (torch.load failed: {type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
         raise ValueError(f"{path} is not a casa checkpoint (expected keys 'model' and 'config')")
+    for k, most in CHECKPOINT_LIMITS.items():
+        v = ckpt["config"].get(k, 1)
+        if type(v) is not int or not 1 <= v <= most:
+            raise ValueError(f"{path}: its config has {k}={v!r}, not a size from 1 to {most}: a damaged or foreign "
+                             "checkpoint")
     try:
         config = Config(**ckpt["config"])
     except TypeError as e:
         raise ValueError(f"{path} was saved with a config this casa.py does not know: {e}") from None
+    except ValueError as e:  # sizes that do not fit together, an unknown variant
+        raise ValueError(f"{path}: {e}") from None
+    # the config's sizes against the weights', before a model is built: then a damaged config cannot
+    # make the model larger than the weights in the file (load_state_dict checks every tensor after)
+    c, weights = config, ckpt["model"]
+    shapes = {"wte.weight": (c.vocab_size, c.n_embd), "vision.proj.weight": (c.n_embd, c.n_vis_embd),
+              "vision.row_emb": (c.image_size // c.patch_size, 1, c.n_vis_embd)}
+    for k, want in shapes.items():
+        got = tuple(getattr(weights.get(k), "shape", ()))
+        if got != want:
+            raise RuntimeError(f"{path}: size mismatch between its config and its weights: {k} is {got} in the "
+                               f"file, {want} by the config")
+    for prefix, name in (("blocks.", "n_layer"), ("vision.blocks.", "n_vis_layer")):
+        got = len({str(k)[len(prefix):].split(".")[0] for k in weights if str(k).startswith(prefix)})
+        if got != getattr(c, name):
+            raise RuntimeError(f"{path}: size mismatch between its config and its weights: {name}="
+                               f"{getattr(c, name)} by the config, {got} {prefix[:-1]} in the file")
     model = VLM(config)
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt

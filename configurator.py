@@ -13,11 +13,13 @@ and configurator.apply(globals()) lets the command line override them by name:
     --help         the script's docstring and its settings with their defaults
 
 Every value is checked against the type of its default (a float setting also takes 3; a setting
-whose default is None takes a boolean). A mistake ends the script with one line naming it.
+whose default is None takes a boolean), and check_ranges checks values against ranges written as
+intervals ("[1, inf)", "[0, 1)"). A mistake ends the script with one line naming it.
 """
 
 import ast
 import difflib
+import math
 import sys
 
 
@@ -83,3 +85,24 @@ def value_of(key, text, default):
     if type(value) is not want:
         sys.exit(f"error: --{key} takes a {want.__name__} (default {default!r}), got {text!r}")
     return value
+
+
+def check_ranges(values, ranges):
+    """Stop with one line at the first of `values` ({name: value}) outside its range. `ranges` maps
+    space-separated names to an interval: "[0, 1)" is 0 <= value < 1, "(0, inf)" is value > 0."""
+    for names, interval in ranges.items():
+        low, high = (float(b) for b in interval[1:-1].split(","))
+        for name in names.split():
+            v = values[name]
+            inside = (type(v) in (int, float) and (v >= low if interval[0] == "[" else v > low)
+                      and (v <= high if interval[-1] == "]" else v < high))  # NaN is in no interval
+            if not inside:
+                finite = "a finite number " if type(v) is float and math.isinf(v) else ""  # 1e999 reads as inf
+                sys.exit(f"error: --{name} must be {finite}{describe(interval)}, got {v!r}")
+
+
+def describe(interval):
+    """An interval in words: "[1, inf)" -> ">= 1", "(0, inf)" -> "> 0", "[0, 1)" -> "in [0, 1)"."""
+    if interval.endswith("inf)"):
+        return (">= " if interval[0] == "[" else "> ") + interval[1:-1].split(",")[0]
+    return f"in {interval}"

@@ -7,15 +7,20 @@ Train a CASA vision-language model. One flat loop, in nanoGPT's manner.
     python train.py --blind=True                      # blank images: the blind baseline
     python train.py --help                            # every setting and its default
     python train.py --resume=True                     # continue out_dir/ckpt.pt exactly where it stopped
+    python train.py --overwrite=True                  # a fresh run over out_dir's (without it, train.py stops)
     torchrun --nproc_per_node=2 train.py              # DDP: gloo on CPU, nccl on CUDA
     # adaptation (the paper's Qwen path): CA layers on a trained insertion model, initialised
     # from its self-attention, old weights frozen except the last vision block
     python train.py --variant=insertion --out_dir=out-ins
     python train.py --init_from=out-ins/ckpt.pt --variant=ca --freeze=vision_but_last,text --out_dir=out-adapt
 
-Metrics go to out_dir/log.jsonl (one JSON object a line); checkpoints to out_dir/ckpt.pt.
+Metrics go to out_dir/log.jsonl (one JSON object a line); checkpoints to out_dir/ckpt.pt. One run at a
+time per out_dir (out_dir/train.lock). Ctrl-C or SIGTERM finishes the step, writes a checkpoint and
+exits 130 or 143.
 """
 
+import dataclasses
+import glob
 import json
 import math
 import os
@@ -33,6 +38,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+try:
+    import fcntl  # Linux, macOS: the out_dir lock
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 import casa
 import configurator
 from data.loader import Dataset, answer, eval_batches, resolve_dataset, score, text_tokens, typical_image_side
@@ -43,6 +53,7 @@ from data.loader import Dataset, answer, eval_batches, resolve_dataset, score, t
 out_dir = "out"
 dataset = "shapes"  # a folder name under data/ (prepared automatically if needed) or a path
 resume = False  # continue from out_dir/ckpt.pt (settings come from the checkpoint, then the command line)
+overwrite = False  # a fresh run may replace the run in out_dir (otherwise it stops, to keep it)
 init_from = ""  # adaptation: a checkpoint whose vision encoder and text transformer weights to start from
 freeze = ""  # comma list of: vision, vision_but_last (or vision_but_lastN), text, pretrained
 blind = False  # replace every image by a blank one: the blind baseline
@@ -54,7 +65,7 @@ n_head = 4
 n_embd = 128
 block_size = 0  # longest text one forward takes; 0: fit the dataset's longest sample
 image_size = 0  # pixels a side the images are resized to; 0: follow the images (their size, 32 to 64)
-patch_size = 0  # 0: image_size // 4, so 16 image tokens per image at any size
+patch_size = 0  # 0: the power of 2 nearest below image_size // 4 (16 image tokens per image at 32 and 64 px)
 n_vis_layer = 2
 n_vis_head = 4
 n_vis_embd = 128
@@ -90,10 +101,27 @@ num_show = 6  # validation samples printed at the end
 # system
 device = "auto"  # auto: cuda, then mps, then cpu
 compile = None  # torch.compile; None: on for CUDA only
+threads = 0  # CPU threads; 0: $OMP_NUM_THREADS if set, else the idle cores (casa.pick_threads)
 # -----------------------------------------------------------------------------
 SETTINGS = list(configurator.settings(globals()))
 MODEL_KEYS = ["variant", "n_layer", "n_head", "n_embd", "block_size", "image_size", "patch_size",
               "n_vis_layer", "n_vis_head", "n_vis_embd", "dropout", "init_std"]
+RANGES = {  # of every number setting, checked in one place (below); [ ] includes the bound, ( ) does not
+    "n_layer n_head n_vis_layer n_vis_head": "[1, 1024]",
+    "n_embd n_vis_embd": "[1, 65536]",
+    "block_size": "[0, 1048576]",
+    "image_size patch_size": "[0, 1024]",
+    "batch_size grad_accum eval_batch_size vision_pretrain_batch": "[1, 65536]",
+    "eval_interval log_interval": "[1, inf)",
+    "max_iters min_iters warmup_iters lr_decay_iters eval_items num_show": "[0, inf)",
+    "vision_pretrain_iters": "[-1, inf)",
+    "seed": f"[0, {2**32 - 1024}]",  # numpy's seeds (seed + rank) are 32-bit
+    "learning_rate vision_pretrain_lr lr_new lr_pretrained": "(0, inf)",
+    "epochs weight_decay grad_clip init_std": "[0, inf)",
+    "dropout beta1 beta2": "[0, 1)",
+    "min_lr_frac": "[0, 1]",
+    "threads": "[0, 1024]",
+}
 
 t_start = time.time()  # wall time of the whole run, reported at the end
 cli = configurator.parse(sys.argv[1:], {k: globals()[k] for k in SETTINGS}, __doc__)
@@ -115,6 +143,17 @@ def fail(msg):
     sys.exit(1)
 
 
+def stop_now(signum, frame):
+    """Ctrl-C (SIGINT) or SIGTERM (a timeout, SLURM, docker stop) outside the training loop: stop at
+    once, with the conventional exit code 128 + the signal (130, 143). The loop has its own (below)."""
+    log(f"\n{signal.Signals(signum).name}: stopped", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGINT, stop_now)
+signal.signal(signal.SIGTERM, stop_now)
+
+
 def read_checkpoint(path, what):
     """casa.load_checkpoint (read, check, rebuild the model), any problem one clear error."""
     try:
@@ -124,10 +163,16 @@ def read_checkpoint(path, what):
         fail(f"{what}: {msg if len(msg) < 400 else msg[:400] + ' ...'}")
 
 
+def fitted_patch(image_size):
+    """patch_size 0: the largest power of 2 (the vision stem halves the image log2(patch_size) times)
+    at most image_size / 4: 16 image tokens per image at 32 and 64 px, 36 at 48 px."""
+    return max(2, 2 ** int(math.log2(max(1, image_size // 4))))
+
+
 # -----------------------------------------------------------------------------
 # where the run starts, and so its settings:
 #   resume     out_dir/ckpt.pt: its model, optimizer, step, RNG states and settings (the command line
-#              on top of them, except the model's sizes, which cannot change)
+#              on top of them, except the model's sizes, which cannot change; block_size may grow)
 #   init_from  adaptation: another checkpoint's sizes and weights, this run's variant
 #   else       a fresh model from the settings
 asked = {**{k: globals()[k] for k in SETTINGS}, **cli}  # the defaults with the command line on top
@@ -135,21 +180,23 @@ ckpt_path = os.path.join(asked["out_dir"], "ckpt.pt")
 model = ckpt = src = None
 saved = {}  # resume: the checkpoint's settings
 pretrained = set()  # names of parameters copied from a checkpoint (they get lr_pretrained)
+if asked["resume"] and asked["overwrite"]:
+    fail("--resume=True continues the run in out_dir, --overwrite=True replaces it: choose one")
 if asked["resume"]:
     if not os.path.exists(ckpt_path):
         fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
     model, ckpt = read_checkpoint(ckpt_path, "cannot resume")
-    if not {"optimizer", "train_args"} <= set(ckpt):
+    if "optimizer" not in ckpt or not isinstance(ckpt.get("train_args"), dict):
         fail(f"{ckpt_path} is not a train.py checkpoint (no optimizer state or settings); "
              "to start from its weights use --init_from instead of --resume")
     config = model.config
     clash = [f"{k}={getattr(config, k)!r} (this run asks for {v!r})" for k, v in cli.items()
-             if k in MODEL_KEYS and not (k == "block_size" and v == 0) and getattr(config, k) != v]
+             if k in MODEL_KEYS and k != "block_size" and getattr(config, k) != v]  # no weight depends on block_size
     if clash:
         fail(f"cannot resume {ckpt_path}: it was trained with {', '.join(clash)}. A checkpoint resumes only "
              "with the model it was made with: drop those settings, or start a fresh run in another --out_dir")
     saved = {k: v for k, v in ckpt["train_args"].items()
-             if k in SETTINGS and k not in ("resume", "out_dir", "device", "compile")}
+             if k in SETTINGS and k not in ("resume", "overwrite", "out_dir", "device", "compile", "threads")}
     saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
     pretrained = set(ckpt.get("pretrained", []))
 elif asked["init_from"]:
@@ -164,13 +211,90 @@ elif asked["init_from"]:
                                     block_size=max(asked["block_size"], sizes["block_size"])))
     except ValueError as e:
         fail(f"--init_from: {e}")
-else:
-    config = None  # a fresh model: made once the data is known (image_size and patch_size may follow it)
 globals().update({**saved, **cli})  # the one place settings are applied: defaults < checkpoint's < command line
+fresh = not resume and not init_from
 
 # -----------------------------------------------------------------------------
-# devices, the process group, seeds
-device = casa.pick_device(device)
+# the settings, checked in one place before any data is read or file written
+configurator.check_ranges({k: globals()[k] for k in SETTINGS}, RANGES)
+if fresh:  # the model's sizes fit together (casa.Config's checks); image_size 0 stands for 64 until the data is read
+    try:
+        sizes = {k: globals()[k] for k in MODEL_KEYS if k not in ("block_size", "image_size", "patch_size")}
+        config = casa.Config(**sizes, block_size=block_size or 256, image_size=image_size or 64,
+                             patch_size=patch_size or fitted_patch(image_size or 64))
+    except ValueError as e:  # an unknown variant, sizes that do not divide
+        fail(e)
+if not out_dir:
+    fail("--out_dir is empty: name a folder for the checkpoint and the log")
+try:
+    device = casa.pick_device(device)
+except ValueError as e:
+    fail(e)
+
+
+# -----------------------------------------------------------------------------
+# out_dir: one run at a time, and never a run lost to a fresh one by mistake. Only the first
+# process writes there.
+def lock_out_dir(folder):
+    """An exclusive lock on folder/train.lock, held while this process lives: the system drops it when
+    the process ends, however it ends (kill -9 too), so a killed run leaves no stale lock. The file
+    holds the holder's pid, for the message. Returns the open file (None where there is no lock)."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, "train.lock"), "a+")
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        fail(f"another train.py (pid {f.read().strip() or '?'}) is running in {folder}: wait for it to end "
+             f"(or stop it), or choose another --out_dir")
+    except OSError as e:  # a file system without locks
+        log(f"warning: cannot lock {f.name} ({e.strerror}): make sure no other run writes to {folder}")
+        return None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def describe_checkpoint(path):
+    """'step 800, saved 2025-05-01 14:02' for the message that keeps a run from being overwritten."""
+    try:  # mmap: the step without reading the weights
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step", "?")
+    except Exception:  # damaged, or not a torch file: still not ours to replace without being asked
+        step = "?"
+    return f"step {step}, saved {time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(path)))}"
+
+
+log_path = os.path.join(out_dir, "log.jsonl")
+if master:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out_dir={out_dir} is a file, not a folder: choose another --out_dir")
+    try:
+        lock = lock_out_dir(out_dir)
+    except OSError as e:
+        fail(f"cannot write to --out_dir={out_dir}: {e.strerror or e}")
+    if not resume and os.path.exists(ckpt_path) and not overwrite:
+        fail(f"{ckpt_path} already holds a run ({describe_checkpoint(ckpt_path)}): continue it with --resume=True, "
+             f"replace it with --overwrite=True, or choose another --out_dir")
+    if lock:  # no other run writes here: a temporary file left is from a save that was killed
+        for orphan in glob.glob(glob.escape(ckpt_path) + ".tmp*"):
+            os.remove(orphan)
+
+# -----------------------------------------------------------------------------
+# threads, devices, the process group, seeds
+# CPU threads beyond the idle cores wait on each other: on 2 cores beside a busy job, 2 threads run
+# many times slower than 1
+n_threads, why = casa.pick_threads(threads)
+omp = os.environ.get("OMP_NUM_THREADS", "")
+if not threads and omp.isdigit() and int(omp) > 0:  # a launcher's choice (experiments/runs.py, torchrun's 1)
+    n_threads, why = int(omp), "OMP_NUM_THREADS"
+elif ddp and not threads:  # the idle cores shared among this machine's processes
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    n_threads, why = max(1, n_threads // share), f"{why}, {share} processes"
+torch.set_num_threads(n_threads)
+log(f"threads: {n_threads}{' per process' if ddp else ''} ({why}{'' if threads else '; --threads=N to set'})")
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 if ddp:
     if device_type == "cuda":
@@ -225,17 +349,14 @@ try:
     if ddp:
         dist.barrier()
     data_dir = resolve_dataset(dataset, prepare=False)
-    if config is None:  # a fresh model, its image size fitted to the images unless set
+    if fresh:  # a fresh model, its image size fitted to the images unless set
         side = typical_image_side(data_dir) or 32
         image_size = image_size or min(64, max(32, side // 16 * 16))
-        patch_size = patch_size or image_size // 4
+        patch_size = patch_size or fitted_patch(image_size)
         log(f"images: {side} px -> image_size {image_size}, patch_size {patch_size}: {(image_size // patch_size) ** 2} "
             f"tokens per image{' (--image_size / --patch_size to change)' if 'image_size' not in cli else ''}")
         args.update(image_size=image_size, patch_size=patch_size)
-        try:
-            config = casa.Config(**{k: args[k] for k in MODEL_KEYS if k != "block_size"}, block_size=block_size or 256)
-        except ValueError as e:  # an unknown variant, sizes that do not divide
-            fail(e)
+        config = dataclasses.replace(config, image_size=image_size, patch_size=patch_size)  # ValueError: do not divide
     train_data = Dataset(data_dir, "train", config.image_size, blind=blind)
     val_data = Dataset(data_dir, "val", config.image_size, blind=blind)
 except (OSError, ValueError) as e:  # DataError is a ValueError: it names the file and line
@@ -244,9 +365,6 @@ tokenizer = train_data.tokenizer
 log(f"dataset {data_dir}: {len(train_data)} train / {len(val_data)} val samples, tasks: "
     f"{', '.join(t or '-' for t in val_data.tasks)}{' (BLIND: images blanked)' if blind else ''} "
     f"[{time.time() - t0:.1f}s]")
-if epochs < 0 or min_iters < 0 or vision_pretrain_iters < -1:
-    fail(f"--epochs, --min_iters must be >= 0 and --vision_pretrain_iters >= -1 (-1: a fifth of the budget); got "
-         f"{epochs:g}, {min_iters}, {vision_pretrain_iters}")
 if max_iters == 0:  # the budget follows the data: passes over the training samples
     per_step = batch_size * grad_accum * world_size
     max_iters = args["max_iters"] = max(min_iters, math.ceil(epochs * len(train_data) / per_step))
@@ -259,24 +377,31 @@ if vision_pretrain_iters < 0:  # stage 1 follows the budget
             f"the images), then the VLM (--vision_pretrain_iters=N to set it, 0: off)")
 
 # -----------------------------------------------------------------------------
-# model: a resumed one is already loaded; a fresh or adapted one fits the data's longest sample
-if model is None and block_size == 0:  # at least casa's default
+# model: a resumed one is already loaded; a fresh or adapted one is built here. The longest text a
+# forward takes: --block_size, or 0: at least the data's longest sample (no weight depends on it, so
+# a resumed model's may grow too)
+if block_size == 0:
     need = max(train_data.max_len(), val_data.max_len())
     config.block_size = max(config.block_size, 64 * math.ceil(need / 64))
+elif resume:
+    config.block_size = block_size
 try:
     train_data.check_block_size(config.block_size)
     val_data.check_block_size(config.block_size)
 except ValueError as e:
     fail(e)
-if init_from and not resume:
-    model = casa.VLM(config)
-    pretrained = model.copy_weights_from(src["model"])  # CA layers start from the SA weights (the paper)
-    new = [n for n, _ in model.named_parameters() if n not in pretrained]
-    log(f"init_from {init_from} ({src['config']['variant']} -> {config.variant}): {len(pretrained)} tensors copied, "
-        f"{len(new)} new ({', '.join(sorted({n.split('.', 2)[-1] for n in new})) or 'none'})")
-    src = None  # free memory
-elif model is None:
-    model = casa.VLM(config)
+try:
+    if init_from and not resume:
+        model = casa.VLM(config)
+        pretrained = model.copy_weights_from(src["model"])  # CA layers start from the SA weights (the paper)
+        new = [n for n, _ in model.named_parameters() if n not in pretrained]
+        log(f"init_from {init_from} ({src['config']['variant']} -> {config.variant}): {len(pretrained)} tensors "
+            f"copied, {len(new)} new ({', '.join(sorted({n.split('.', 2)[-1] for n in new})) or 'none'})")
+        src = None  # free memory
+    elif model is None:
+        model = casa.VLM(config)
+except (RuntimeError, MemoryError) as e:  # torch's "can't allocate memory" is a RuntimeError
+    fail(f"cannot build the model ({str(e).strip().splitlines()[-1][:200]}): choose smaller --n_embd, --n_layer")
 
 
 def frozen_names(spec, model):
@@ -326,9 +451,33 @@ optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
 # -----------------------------------------------------------------------------
 # resume: the model's weights and settings came with the checkpoint (above); here the rest of where it
 # stopped: optimizer, step, RNG states, seconds so far, and the log cut back to the checkpoint's step
-# (what the interrupted run logged after it would be logged twice). A fresh run starts a fresh log.
+# (what the interrupted run logged after it would be logged twice). A fresh run starts a fresh log:
+# here, once the data is read and the model built, so a run that fails before never touches the old one.
+
+
+def read_log(path):
+    """The records of a log.jsonl. A last line cut short (a run killed while writing it) is dropped with
+    a warning; a bad line elsewhere is an error that names it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            r = None
+        if isinstance(r, dict) and "step" in r:
+            records.append(r)
+        elif i == len(lines):
+            log(f"warning: {path}:{i}: dropped a last line cut short (a run killed while writing it)")
+        else:
+            fail(f"{path}:{i}: not a log record; delete that line (or the file) and resume again")
+    return records
+
+
 step, trained_s, walled_s = 0, 0.0, 0.0  # walled_s: wall seconds of the parts before a resume
-log_path = os.path.join(out_dir, "log.jsonl")
 if resume:
     optimizer.load_state_dict(ckpt["optimizer"])
     for g, g0 in zip(optimizer.param_groups, groups):  # the lrs of this run's settings
@@ -337,19 +486,23 @@ if resume:
     walled_s = ckpt.get("wall_s", 0.0)
     set_rng_state(ckpt["rng"])
     if master:
-        records = []
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+        records = read_log(log_path) if os.path.exists(log_path) else []
         kept = [r for r in records if r.get("stage") == "vision" or r["step"] <= step]
-        with open(log_path + ".tmp", "w") as f:  # then a rename: an interruption here loses nothing
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(log_path + ".tmp", log_path)
+        try:
+            with open(log_path + ".tmp", "w") as f:  # then a rename: an interruption here loses nothing
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(log_path + ".tmp", log_path)
+        except OSError as e:
+            fail(f"cannot write {log_path}: {e.strerror or e}")
     log(f"resumed {ckpt_path} at step {step}")
     ckpt = None  # free memory
-elif master:
-    os.makedirs(out_dir, exist_ok=True)
-    open(log_path, "w").close()
+elif master:  # a fresh run (over an earlier one only with --overwrite=True): a fresh log, no old checkpoint
+    try:
+        open(log_path, "w").close()
+        if os.path.exists(ckpt_path):  # a resume must not pair the old run's checkpoint with this run's log
+            os.remove(ckpt_path)
+    except OSError as e:
+        fail(f"cannot write {log_path}: {e.strerror or e}")
 
 n_params = casa.param_counts(model)
 log(f"model {config.variant}: {n_params['total'] / 1e6:.2f}M parameters (vision {n_params['vision'] / 1e6:.2f}M, "
@@ -459,16 +612,18 @@ def show_samples(n):
 
 def write_log(record):
     if master:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk
+            fail(f"cannot write {log_path}: {e.strerror or e}")
 
 
 def still_climbing(final_accuracy, step, margin=0.02):
     """A warning when validation accuracy rose by more than `margin` over the end of the run (from the
     last periodic evaluation in log.jsonl between 3/5 and 4/5 of the steps to the final one), or None:
     the run stopped before it finished learning. Without an evaluation there, no claim is made."""
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        evals = [r for r in map(json.loads, filter(str.strip, f)) if "accuracy" in r and not r.get("final")]
+    evals = [r for r in read_log(log_path) if "accuracy" in r and not r.get("final")]
     earlier = [r for r in evals if 0.6 * step <= r["step"] <= 0.8 * step]
     if not earlier or final_accuracy - earlier[-1]["accuracy"] <= margin:
         return None
@@ -487,9 +642,12 @@ def save(step, train_s):
         dist.all_gather_object(states, rng_state())
         states = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for s in states]
     if master:
-        casa.save_checkpoint(ckpt_path, raw_model, optimizer=optimizer.state_dict(), step=step, rng=states,
-                             train_s=train_s, wall_s=walled_s + time.time() - t_start, train_args=args,
-                             pretrained=sorted(pretrained), dataset_dir=data_dir)
+        try:  # a failed save leaves the last checkpoint as it was, and no partial file
+            casa.save_checkpoint(ckpt_path, raw_model, optimizer=optimizer.state_dict(), step=step, rng=states,
+                                 train_s=train_s, wall_s=walled_s + time.time() - t_start, train_args=args,
+                                 pretrained=sorted(pretrained), dataset_dir=data_dir)
+        except OSError as e:  # a full disk says so (casa.save_checkpoint)
+            fail(f"checkpoint of step {step} not saved: {e.strerror or e}")
 
 
 def format_metrics(m):
@@ -569,13 +727,22 @@ log(f"matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({dtype}); {flops_pe
     f"trained text token; {world_size} process(es) x batch {batch_size} x {grad_accum} micro-steps; device {device}")
 
 sample_weights = train_data.kind_weights() if balance_kinds else None
-stop_requested = False
-if not ddp:  # Ctrl-C: finish the current step, write a checkpoint, stop (a second Ctrl-C kills)
-    def on_sigint(signum, frame):
-        global stop_requested
-        stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, on_sigint)
+stop_signal = 0  # the signal that asked the loop to stop
+
+
+def stop_after_step(signum, frame):
+    """In the training loop, Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint
+    and exits 128 + the signal; a second one stops at once (a save it cuts short leaves no file)."""
+    global stop_signal
+    if stop_signal:
+        stop_now(signum, frame)
+    stop_signal = signum
+    log(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (again: stop now)",
+        file=sys.stderr)
+
+
+signal.signal(signal.SIGINT, stop_after_step)
+signal.signal(signal.SIGTERM, stop_after_step)
 
 model.train()
 bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
@@ -621,16 +788,25 @@ while step < max_iters:
         save(step, t_eval - t_loop - eval_s)
         t_last = time.time()  # evaluation time is not training time
         eval_s += t_last - t_eval
-    if stop_requested:
+    if ddp:  # the signal may reach the processes steps apart: all stop at the same step
+        flag = torch.tensor(stop_signal, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_signal = int(flag)
+    if stop_signal:
         break
 bar.close()
 t_final = time.time()
 
 save(step, t_final - t_loop - eval_s)
-if stop_requested:
+signal.signal(signal.SIGINT, stop_now)  # the checkpoint is written: a signal now stops at once
+signal.signal(signal.SIGTERM, stop_now)
+if stop_signal:
     log(f"stopped at step {step}; checkpoint {ckpt_path} written. Continue with: python train.py --resume=True "
         f"--out_dir={out_dir}")
-elif master:
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(128 + stop_signal)
+if master:
     m = evaluate(None)
     if num_show:
         show_samples(num_show)

@@ -73,3 +73,22 @@ def test_apply_sets_a_scripts_globals_and_starts_from_the_defaults_each_call():
     assert (scope["steps"], scope["lr"], scope["flag"]) == (500, 3.0, None)
     with pytest.raises(SystemExit):
         configurator.apply(scope, ["--HERE=/y"])  # not a setting
+
+
+def test_check_ranges_names_the_setting_and_its_interval():
+    ranges = {"n_layer top_k": "[1, inf)", "learning_rate": "(0, inf)", "dropout": "[0, 1)", "frac": "[0, 1]"}
+    good = dict(n_layer=1, top_k=5, learning_rate=3e-4, dropout=0.0, frac=1.0)
+    configurator.check_ranges(good, ranges)  # in range: nothing happens
+
+    def error(**bad):
+        with pytest.raises(SystemExit) as e:
+            configurator.check_ranges(dict(good, **bad), ranges)
+        return str(e.value.code)
+
+    assert error(top_k=0) == "error: --top_k must be >= 1, got 0"
+    assert error(learning_rate=0.0) == "error: --learning_rate must be > 0, got 0.0"
+    assert error(dropout=1.0) == "error: --dropout must be in [0, 1), got 1.0"
+    assert error(frac=1.5) == "error: --frac must be in [0, 1], got 1.5"
+    assert error(learning_rate=float("inf")) == "error: --learning_rate must be a finite number > 0, got inf"
+    assert "got nan" in error(dropout=float("nan"))  # NaN is in no interval
+    assert "got 'x'" in error(n_layer="x")  # not a number (a damaged checkpoint's settings)
