@@ -198,6 +198,29 @@ class VisionEncoder(nn.Module):
         return self.ln_out(self.proj(self.ln_f(x)))  # (M, N, n_embd)
 
 
+class QueryCompressor(nn.Module):
+    """Compressed insertion (the paper's Table 5b, a Q-Former-style block): Q learned queries attend
+    to one image's N tokens, then an MLP; only their Q outputs enter the text stream, so insertion's
+    cache grows by Q per image instead of N. Used when config.compress_queries > 0 (insertion only)."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.queries = nn.Parameter(torch.randn(config.compress_queries, C) * C**-0.5)  # (Q, C)
+        self.ln_q, self.ln_img = RMSNorm(C), RMSNorm(C)
+        self.attn = Attention(config)
+        self.ln_mlp = RMSNorm(C)
+        self.mlp = MLP(C, config.bias, config.dropout)
+        self.ln_out = RMSNorm(C)  # on the text's scale, as the encoder's tokens are
+
+    def forward(self, img):  # (M, N, C) -> (M, Q, C)
+        q = self.attn.project_q(self.ln_q(self.queries).expand(img.size(0), -1, -1))  # the same Q for every image
+        k, v = self.attn.project_kv(self.ln_img(img))
+        x = self.queries + self.attn.merge(F.scaled_dot_product_attention(q, k, v))  # each query sees all N
+        x = x + self.mlp(self.ln_mlp(x))
+        return self.ln_out(x)
+
+
 # -----------------------------------------------------------------------------
 # Config: the fusion variants, each a set of switches. Reading a row left to right moves CA toward
 # insertion; turning every switch on (and seeing all past images, D5) is insertion.
@@ -237,6 +260,10 @@ class Config:
     init_std: float = 0.0
     # fusion: one of VARIANTS
     variant: str = "ca"
+    # the paper's Table 5: CA layers in every n-th block only (blocks 0, n, 2n, ...; the others are
+    # plain SA blocks; 1: every block), and compressed insertion (Q tokens per image enter the stream)
+    ca_every: int = 1
+    compress_queries: int = 0  # insertion only; 0: no compression, all N image tokens enter the stream
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -250,6 +277,11 @@ class Config:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.n_vis_embd % self.n_vis_head:
             raise ValueError(f"n_vis_embd ({self.n_vis_embd}) must be a multiple of n_vis_head ({self.n_vis_head})")
+        if self.ca_every < 1 or (self.ca_every > 1 and (self.insert_images or self.ca_replaces_sa)):
+            raise ValueError(f"ca_every ({self.ca_every}) must be >= 1, and > 1 only for the CA variants that "
+                             "have CA beside SA (not insertion; ca_replace already alternates)")
+        if self.compress_queries < 0 or (self.compress_queries and not self.insert_images):
+            raise ValueError(f"compress_queries ({self.compress_queries}) must be >= 0, and > 0 only for insertion")
 
     # the variant's switches, read from VARIANTS
     insert_images = property(lambda self: VARIANTS[self.variant]["insert_images"])
@@ -266,16 +298,23 @@ class Config:
 
     @property
     def n_image_tokens(self):
+        """N: the encoder's tokens per image."""
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens_per_image(self):
+        """The tokens an image puts where the text attends to it: Q with compressed insertion, else N."""
+        return self.compress_queries or self.n_image_tokens
 
     def layer_kinds(self):
         """(has_sa, has_ca) for each layer: the one place the layer structure is decided. Insertion
-        has SA only; ca_replace (D3) alternates SA and CA layers; every other variant has both."""
+        has SA only; ca_replace (D3) alternates SA and CA layers; every other variant has both, CA in
+        every ca_every-th block from the first (the first, so later layers can pass on what it read)."""
         if self.insert_images:
             return [(True, False)] * self.n_layer
         if self.ca_replaces_sa:
             return [(i % 2 == 0, i % 2 == 1) for i in range(self.n_layer)]
-        return [(True, True)] * self.n_layer
+        return [(True, i % self.ca_every == 0) for i in range(self.n_layer)]
 
     def layer_counts(self):
         """(number of layers with self-attention, number with cross-attention)."""
@@ -643,7 +682,7 @@ class Block(nn.Module):
             if cache is not None:  # write the new K/V, attend over everything cached
                 k, v = cache.sa.write(self.layer_idx, k, v)
             y = self.sa.attend(q, k, v, layout.sa_mask)
-            if self.shared and layout.run_ca:  # D1: CA reuses q (unrotated: no positions in CA),
+            if self.shared and self.has_ca and layout.run_ca:  # D1: CA reuses q (unrotated: no positions in CA),
                 y = y + self.cross_attend(x, img, layout, cache, q=q_raw)  # the k/v weights and o
             out = self.sa.merge(y)
         if self.has_ca and not self.shared and layout.run_ca:
@@ -717,6 +756,7 @@ class VLM(nn.Module):
         self.config = config
         self.image_id = get_tokenizer().encode(IMAGE, allowed_special="all")[0]
         self.vision = VisionEncoder(config)
+        self.compress = QueryCompressor(config) if config.compress_queries else None
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i, has_sa, has_ca) for i, (has_sa, has_ca) in enumerate(config.layer_kinds()))
@@ -729,8 +769,9 @@ class VLM(nn.Module):
         # vision encoder keeps PyTorch's default init (about 1/sqrt(fan_in)): it learns several times
         # faster with it than at std 0.02 (experiments/vision_probe.py)
         std = config.init_std or config.n_embd**-0.5
-        for module in (self.wte, self.blocks):
-            module.apply(lambda m: self._init_weights(m, std))
+        for module in (self.wte, self.blocks, self.compress):
+            if module is not None:
+                module.apply(lambda m: self._init_weights(m, std))
         for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
             if name.endswith(("o.weight", "proj.weight")) and "vision" not in name:
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
@@ -803,7 +844,8 @@ class VLM(nn.Module):
             raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}; divide uint8 pixels by 255")
         if float(images.min()) < 0 or float(images.max()) > 1:
             raise ValueError(f"image values must lie in [0, 1], got {float(images.min()):.3g}..{float(images.max()):.3g}")
-        return self.vision(images)
+        img = self.vision(images)  # (M, N, C)
+        return img if self.compress is None else self.compress(img)  # (M, Q, C)
 
     def copy_weights_from(self, state_dict):
         """Adaptation (train.py --init_from): start from another checkpoint's weights. Copies every
@@ -1005,7 +1047,7 @@ def load_checkpoint(path, device="cpu"):
 def kv_formula(config):
     """The paper's #KV column for this variant (k turns, T text tokens and one N-token image each)."""
     if config.keeps_every_frame:
-        return "kT + kN"
+        return "kT + kQ" if config.compress_queries else "kT + kN"
     if config.ca_replaces_sa:
         return "kT (SA layers) or N (CA layers)"
     return "kT + (T + N)" if config.ca_text_keys else "kT + N"
@@ -1013,10 +1055,10 @@ def kv_formula(config):
 
 def kv_cache_entries(config, turns, text_tokens, image_tokens=None, sink_tokens=0, recent_tokens=None):
     """Analytic cached entries per layer of each kind after `turns` turns, each turn one image of
-    N tokens (default: config.n_image_tokens) and T text tokens (its <|image|> marker included).
+    N tokens (default: config.tokens_per_image, Q with compressed insertion) and T text tokens (its <|image|> marker included).
     With recent_tokens (a bounded cache, see Cache) self-attention keeps at most sink + recent."""
     k, T = turns, text_tokens
-    N = config.n_image_tokens if image_tokens is None else image_tokens
+    N = config.tokens_per_image if image_tokens is None else image_tokens
     has_ca = config.layer_counts()[1] > 0
     text = k * T if recent_tokens is None else min(k * T, sink_tokens + recent_tokens)
     return {
@@ -1039,8 +1081,8 @@ def kv_cache_bytes(config, turns, text_tokens, image_tokens=None, batch_size=1, 
 
 
 def is_fusion_param(name):
-    """Whether a parameter belongs to the fusion (a CA layer's projections or norm)."""
-    return ".ca." in name or ".ln_ca." in name
+    """Whether a parameter belongs to the fusion (a CA layer's projections or norm, or the compressor)."""
+    return ".ca." in name or ".ln_ca." in name or name.startswith("compress.")
 
 
 def param_counts(model):
@@ -1066,15 +1108,19 @@ def flops_per_text_token(config, text_tokens, image_tokens=None):
     'vision' (the encoder, amortised over the T text tokens), and 'total'."""
     C, V, T = config.n_embd, config.vocab_size, text_tokens
     N = config.n_image_tokens if image_tokens is None else image_tokens
+    Q = config.compress_queries or N  # an image's tokens in insertion's stream (Q when compressed)
     proj, mlp = 2 * 4 * C * C, 2 * 8 * C * C  # q, k, v, o; fc + proj
 
     def causal(n):  # sum over n causal queries of the keys they see
         return n * (n + 1) // 2
 
     linear = attention = 0
-    if config.insert_images:  # the stream holds T + N tokens; every one goes through every layer
-        linear = config.n_layer * (T + N) * (proj + mlp)
-        attention = config.n_layer * 4 * C * causal(T + N)
+    if config.insert_images:  # the stream holds T + Q tokens; every one goes through every layer
+        linear = config.n_layer * (T + Q) * (proj + mlp)
+        attention = config.n_layer * 4 * C * causal(T + Q)
+        if config.compress_queries:  # the compressor, once per image: q, o and the MLP on Q queries, k, v on N
+            linear += Q * (2 * 2 * C * C + mlp) + N * 2 * 2 * C * C
+            attention += 4 * C * Q * N
     else:
         for has_sa, has_ca in config.layer_kinds():
             linear += T * mlp
@@ -1089,8 +1135,8 @@ def flops_per_text_token(config, text_tokens, image_tokens=None):
                 if config.ca_text_keys:
                     linear += T * 2 * 2 * C * C  # window text K/V
                     attention += 4 * C * causal(T)
-                if config.ca_image_ffn:
-                    linear += N * mlp
+            if config.ca_image_ffn:  # D4: the image tokens go through every block's MLP, CA or not
+                linear += N * mlp
     linear += T * 2 * C * V  # lm_head
     Cv, S = config.n_vis_embd, config.image_size
     n = config.patch_size.bit_length() - 1
@@ -1146,7 +1192,7 @@ def attention_mass(model, idx, images):
         probs, mask = records[a]
         B, H, Tq, Tk = probs.shape
         if config.insert_images:  # the keys are the stream: its image tokens, from the call's layout
-            n_image_tokens = config.n_image_tokens if images is not None else 0
+            n_image_tokens = config.tokens_per_image if images is not None else 0
             key_is_image = make_layout(config, idx, idx == model.image_id, n_image_tokens, None).is_image
         else:  # ca_tv's keys: the window's image slots, then its Tq text tokens
             key_is_image = (torch.arange(Tk, device=probs.device) < Tk - Tq).expand(B, Tk)

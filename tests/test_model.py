@@ -16,6 +16,11 @@ import casa
 
 VARIANTS = list(casa.VARIANTS)
 CA_VARIANTS = [v for v in VARIANTS if not casa.VARIANTS[v]["insert_images"]]
+# the paper's Table 5 models: CA in every n-th block only, and compressed insertion (Q tokens an image)
+TABLE5 = [("ca_tv", dict(ca_every=2)), ("ca", dict(ca_every=3)), ("ca_shared", dict(ca_every=2)),
+          ("ca_ffn", dict(ca_every=2)), ("insertion", dict(compress_queries=3))]
+ALL_MODELS = [(v, {}) for v in VARIANTS] + TABLE5  # (variant, Config settings)
+MODEL_IDS = [v + "".join(f"-{k}={x}" for k, x in kw.items()) for v, kw in ALL_MODELS]
 IMAGE_ID = 257  # <|image|>, checked against the tokenizer in test_tokenizer_bytes_round_trip_and_specials
 # float64 model vs float64 naive reference. Not 1e-12: casa computes RoPE's inverse frequencies in
 # float32 (rope_inv_freq) before the model is cast, the reference in float64, a ~1e-8 difference in
@@ -216,6 +221,19 @@ def ref_merge(y, lin):  # (T, H, D) -> (T, C) through the output projection
     return ref_linear(y.reshape(y.size(0), -1), lin)
 
 
+def ref_compress(comp, img, n_head):
+    """Compressed insertion's block on one image's tokens (N, C) -> (Q, C), one query at a time:
+    each learned query attends to all N tokens, then the MLP and the output norm."""
+    x = comp.queries
+    Q, C = x.shape
+    q = ref_linear(ref_rms(x, comp.ln_q.weight), comp.attn.q).view(Q, n_head, C // n_head)
+    k, v = ref_kv(ref_rms(img, comp.ln_img.weight), comp.attn, n_head)
+    y = torch.stack([ref_softmax_attention(q[j], k, v)[0] for j in range(Q)])
+    x = x + ref_merge(y, comp.attn.o)
+    x = x + ref_mlp(ref_rms(x, comp.ln_mlp.weight), comp.mlp)
+    return ref_rms(x, comp.ln_out.weight)
+
+
 def reference_forward(model, idx, images, records=None, sa_visible=None):
     """Logits (B, T, vocab) of the whole model, one row at a time, from the model's weights only.
     The image tokens come from model.vision (the encoder itself is not what is tested here).
@@ -223,8 +241,10 @@ def reference_forward(model, idx, images, records=None, sa_visible=None):
     layers with a mixed softmax (ca_tv CA layers, insertion SA layers).
     sa_visible(t): the text keys text query t sees in self-attention (CA variants; default causal)."""
     cfg = model.config
-    H, theta, N = cfg.n_head, cfg.rope_theta, cfg.n_image_tokens
+    H, theta, N = cfg.n_head, cfg.rope_theta, cfg.tokens_per_image
     img_tokens = model.vision(images) if images is not None else None
+    if img_tokens is not None and cfg.compress_queries:
+        img_tokens = torch.stack([ref_compress(model.compress, im, H) for im in img_tokens])
     out, m = [], 0
     for b in range(idx.size(0)):
         row = idx[b].tolist()
@@ -293,9 +313,9 @@ CHUNKINGS = {
 
 
 @pytest.mark.parametrize("chunking", list(CHUNKINGS))
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cached_decoding_equals_full_forward(variant, chunking):
-    model = make_model(variant)
+@pytest.mark.parametrize("variant, settings", ALL_MODELS, ids=MODEL_IDS)
+def test_cached_decoding_equals_full_forward(variant, settings, chunking):
+    model = make_model(variant, **settings)
     idx, images = two_row_batch()
     with torch.no_grad():
         full, _ = model(idx, images)
@@ -426,11 +446,12 @@ def test_cross_attend_matches_naive_windows(variant):
                 assert got[b, :, : marker_pos[0]].abs().max() > 0.1
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_model_matches_naive_reference(variant):
+@pytest.mark.parametrize("variant, settings", ALL_MODELS, ids=MODEL_IDS)
+def test_model_matches_naive_reference(variant, settings):
     """Whole forward (SA, CA, MLP, image FFN, insertion's mixed-stream causal SA and its gather back
-    to text positions) equals the one-row-at-a-time naive reference, float64."""
-    model = make_model(variant, dtype=torch.float64)
+    to text positions; Table 5's CA every n-th block and compressed insertion) equals the
+    one-row-at-a-time naive reference, float64."""
+    model = make_model(variant, dtype=torch.float64, **settings)
     idx, images = two_row_batch(dtype=torch.float64)
     with torch.no_grad():
         got, _ = model(idx, images)
@@ -506,7 +527,7 @@ def test_text_before_an_image_is_unaffected_by_it(variant):
 
 def check_cache(model, cache, turns, T, B):
     cfg = model.config
-    N, C = cfg.n_image_tokens, cfg.n_embd
+    N, C = cfg.compress_queries or cfg.n_image_tokens, cfg.n_embd  # compressed insertion streams Q an image
     kinds = cfg.layer_kinds()
     n_sa, n_ca = sum(s for s, _ in kinds), sum(c for _, c in kinds)
     want = casa.kv_cache_entries(cfg, turns, T)
@@ -523,12 +544,12 @@ def check_cache(model, cache, turns, T, B):
 
 def expect_growth(model, growth, T, B):
     """Bytes added by one more turn: text only for CA variants (the image part, and ca_tv's window
-    text, stay flat); text and the N image tokens in every layer for insertion."""
+    text, stay flat); text and the N image tokens (Q, compressed) in every layer for insertion."""
     cfg = model.config
     n_sa = sum(s for s, _ in cfg.layer_kinds())
     per_entry = 2 * cfg.n_embd * 4
     if cfg.insert_images:
-        assert growth == B * cfg.n_layer * (T + cfg.n_image_tokens) * per_entry
+        assert growth == B * cfg.n_layer * (T + (cfg.compress_queries or cfg.n_image_tokens)) * per_entry
     elif cfg.ca_all_images:  # D5: every image stays in the CA layers
         n_ca = sum(c for _, c in cfg.layer_kinds())
         assert growth == B * (n_sa * T + n_ca * cfg.n_image_tokens) * per_entry
@@ -548,9 +569,9 @@ def check_turns(model, cache, one_turn, turns, T, B):
         prev = nbytes
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cache_size_after_turns_matches_formula(variant):
-    model = make_model(variant)
+@pytest.mark.parametrize("variant, settings", ALL_MODELS, ids=MODEL_IDS)
+def test_cache_size_after_turns_matches_formula(variant, settings):
+    model = make_model(variant, **settings)
     B, T, S = 2, 6, model.config.image_size
     g = torch.Generator().manual_seed(3)
     cache = model.new_cache(B)
@@ -904,8 +925,8 @@ def test_streaming_generate_equals_full_forward(variant):
 # 9. FLOPs formula against torch's FLOP counter
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_flops_formula_matches_flop_counter(variant):
+@pytest.mark.parametrize("variant, settings", ALL_MODELS, ids=MODEL_IDS)
+def test_flops_formula_matches_flop_counter(variant, settings):
     """FlopCounterMode counts matmuls (mm / addmm: every nn.Linear, the lm_head included) and
     convolutions (the vision stem) exactly, 2 per multiply-add. On CPU it does not count
     scaled_dot_product_attention at all (no formula for the CPU kernels), so:
@@ -918,7 +939,7 @@ def test_flops_formula_matches_flop_counter(variant):
         4 * C FLOPs per (query, key) pair (2C for the score, 2C for the weighted sum)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = make_model(variant)
+    model = make_model(variant, **settings)
     cfg = model.config
     T = 9
     g = torch.Generator().manual_seed(6)
@@ -1073,3 +1094,48 @@ def test_pick_threads_leaves_busy_cores_alone(monkeypatch):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         assert casa.pick_threads(0)[0] == want
     assert casa.pick_threads(7) == (7, "--threads")
+
+
+# -----------------------------------------------------------------------------
+# 11. The paper's Table 5: where the CA layers are, and compressed insertion
+
+
+def test_ca_every_places_ca_in_blocks_0_n_2n_and_n1_is_todays_model():
+    for variant in ("ca", "ca_tv", "ca_shared", "ca_ffn", "ca_all"):
+        for n, want in [(1, [0, 1, 2, 3, 4, 5]), (2, [0, 2, 4]), (4, [0, 4]), (6, [0])]:
+            model = make_model(variant, n_layer=6, ca_every=n)
+            assert [i for i, b in enumerate(model.blocks) if b.has_ca] == want
+            assert all(b.has_sa for b in model.blocks)
+            ca_params = sum(p.numel() for name, p in model.named_parameters() if casa.is_fusion_param(name))
+            per_layer = 0 if variant == "ca_shared" else 32 + 4 * 32 * 32  # ln_ca + q, k, v, o (width 32)
+            assert ca_params == len(want) * per_layer
+    # n = 1 and no compression are today's models, weight for weight and logit for logit
+    idx, images = two_row_batch()
+    for variant, settings in [("ca_tv", dict(ca_every=1)), ("insertion", dict(compress_queries=0))]:
+        torch.manual_seed(0)
+        a = casa.VLM(make_config(variant, **settings))
+        torch.manual_seed(0)
+        b = casa.VLM(make_config(variant))
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        with torch.no_grad():
+            assert torch.equal(a(idx, images)[0], b(idx, images)[0])
+    for variant, settings in [("insertion", dict(ca_every=2)), ("ca_replace", dict(ca_every=2)),
+                              ("ca", dict(ca_every=0)), ("ca", dict(compress_queries=4))]:
+        with pytest.raises(ValueError):
+            make_config(variant, **settings)
+
+
+def test_compressed_insertion_caches_q_tokens_an_image():
+    """The stream holds Q tokens after each marker, not N: the layout, the KV formula and what the
+    cache really holds agree."""
+    model = make_model("insertion", compress_queries=3)
+    cfg = model.config
+    assert (cfg.n_image_tokens, cfg.tokens_per_image) == (16, 3) and casa.kv_formula(cfg) == "kT + kQ"
+    idx, images = two_row_batch()
+    with torch.no_grad():
+        img = model.encode_images(idx, images)
+    assert img.shape == (5, 3, cfg.n_embd)
+    layout = casa.make_layout(cfg, idx, idx == model.image_id, img.size(1), cache=None)
+    assert layout.is_image.sum(1).tolist() == [3 * 3, 2 * 3]  # row 0 has three images, row 1 two
+    e = casa.kv_cache_entries(cfg, turns=5, text_tokens=7)
+    assert e["self_attn"] == 5 * (7 + 3)
