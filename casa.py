@@ -993,7 +993,8 @@ def save_checkpoint(path, model, **extra):
 # The largest sizes a checkpoint's config may name: far above anything trained here, small enough
 # that a damaged or foreign config cannot make load_checkpoint build a model without bound.
 CHECKPOINT_LIMITS = dict(block_size=1 << 20, vocab_size=1 << 20, n_layer=1024, n_head=1024, n_embd=1 << 16,
-                         image_size=1 << 14, patch_size=1 << 14, n_vis_layer=1024, n_vis_head=1024, n_vis_embd=1 << 16)
+                         image_size=1 << 14, patch_size=1 << 14, n_vis_layer=1024, n_vis_head=1024, n_vis_embd=1 << 16,
+                         ca_every=1024, compress_queries=1 << 14)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1010,10 +1011,11 @@ def load_checkpoint(path, device="cpu"):
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
         raise ValueError(f"{path} is not a casa checkpoint (expected keys 'model' and 'config')")
     for k, most in CHECKPOINT_LIMITS.items():
-        v = ckpt["config"].get(k, 1)
-        if type(v) is not int or not 1 <= v <= most:
-            raise ValueError(f"{path}: its config has {k}={v!r}, not a size from 1 to {most}: a damaged or foreign "
-                             "checkpoint")
+        least = 0 if k == "compress_queries" else 1  # 0: no compression
+        v = ckpt["config"].get(k, least)
+        if type(v) is not int or not least <= v <= most:
+            raise ValueError(f"{path}: its config has {k}={v!r}, not a size from {least} to {most}: a damaged or "
+                             "foreign checkpoint")
     try:
         config = Config(**ckpt["config"])
     except TypeError as e:

@@ -71,6 +71,8 @@ n_vis_head = 4
 n_vis_embd = 128
 dropout = 0.0
 init_std = 0.0  # the text side's initial weights' std; 0: 1/sqrt(n_embd) (GPT-2's 0.02 learns question logic slower)
+ca_every = 1  # CA layers in every n-th block only (blocks 0, n, 2n, ...; the paper's Table 5a); CA variants
+compress_queries = 0  # insertion only: Q learned queries compress each image to Q tokens (Table 5b); 0: all N
 # optimisation
 batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
@@ -105,7 +107,7 @@ threads = 0  # CPU threads; 0: $OMP_NUM_THREADS if set, else the idle cores (cas
 # -----------------------------------------------------------------------------
 SETTINGS = list(configurator.settings(globals()))
 MODEL_KEYS = ["variant", "n_layer", "n_head", "n_embd", "block_size", "image_size", "patch_size",
-              "n_vis_layer", "n_vis_head", "n_vis_embd", "dropout", "init_std"]
+              "n_vis_layer", "n_vis_head", "n_vis_embd", "dropout", "init_std", "ca_every", "compress_queries"]
 RANGES = {  # of every number setting, checked in one place (below); [ ] includes the bound, ( ) does not
     "n_layer n_head n_vis_layer n_vis_head": "[1, 1024]",
     "n_embd n_vis_embd": "[1, 65536]",
@@ -121,6 +123,8 @@ RANGES = {  # of every number setting, checked in one place (below); [ ] include
     "dropout beta1 beta2": "[0, 1)",
     "min_lr_frac": "[0, 1]",
     "threads": "[0, 1024]",
+    "ca_every": "[1, 1024]",
+    "compress_queries": "[0, 16384]",
 }
 
 t_start = time.time()  # wall time of the whole run, reported at the end
@@ -203,11 +207,13 @@ elif asked["init_from"]:
     _, src = read_checkpoint(asked["init_from"], "--init_from")
     sizes = src["config"]
     clash = [f"{k}={sizes.get(k)!r} (asked {v!r})" for k, v in cli.items()
-             if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout", "init_std") and sizes.get(k) != v]
+             if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout", "init_std", "ca_every", "compress_queries")
+             and sizes.get(k) != v]
     if clash:
         fail(f"--init_from: {asked['init_from']} has {', '.join(clash)}; the model sizes come from the checkpoint")
     try:
         config = casa.Config(**dict(sizes, variant=asked["variant"], dropout=asked["dropout"], init_std=asked["init_std"],
+                                    ca_every=asked["ca_every"], compress_queries=asked["compress_queries"],
                                     block_size=max(asked["block_size"], sizes["block_size"])))
     except ValueError as e:
         fail(f"--init_from: {e}")
@@ -507,8 +513,9 @@ elif master:  # a fresh run (over an earlier one only with --overwrite=True): a 
 n_params = casa.param_counts(model)
 log(f"model {config.variant}: {n_params['total'] / 1e6:.2f}M parameters (vision {n_params['vision'] / 1e6:.2f}M, "
     f"fusion {n_params['fusion'] / 1e6:.2f}M, text {n_params['text'] / 1e6:.2f}M), "
-    f"{sum(p.numel() for _, p in trainable) / 1e6:.2f}M trainable; {config.n_image_tokens} image tokens per image; "
-    f"block_size {config.block_size}")
+    f"{sum(p.numel() for _, p in trainable) / 1e6:.2f}M trainable; {config.n_image_tokens} image tokens per image"
+    f"{f' ({config.tokens_per_image} tokens enter the text: compressed)' if config.compress_queries else ''}"
+    f"{f'; CA in one block of every {config.ca_every}' if config.ca_every > 1 else ''}; block_size {config.block_size}")
 
 raw_model = model
 if compile:

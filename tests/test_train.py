@@ -218,3 +218,12 @@ def test_image_decoder_puts_each_token_in_its_patch():
         for c in range(4):
             want[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = per_token[:, 4 * r + c].view(2, 4, 4, 3).permute(0, 3, 1, 2)
     assert out.shape == (2, 3, 16, 16) and torch.equal(out, want)
+
+
+def test_table5_models_train_and_say_so(data, tmp_path):
+    """The Table 5 settings reach the model: CA in every 2nd block, compressed insertion (Q = 2)."""
+    out = train(data, tmp_path / "every2", "--variant=ca_tv", "--ca_every=2", "--max_iters=2", "--num_show=0").stdout
+    config = load(tmp_path / "every2" / "ckpt.pt")["config"]
+    assert config["ca_every"] == 2 and "CA in one block of every 2" in out
+    out = train(data, tmp_path / "q2", "--variant=insertion", "--compress_queries=2", "--max_iters=2", "--num_show=0").stdout
+    assert load(tmp_path / "q2" / "ckpt.pt")["config"]["compress_queries"] == 2 and "2 tokens enter the text" in out
