@@ -9,8 +9,10 @@ Ask a trained model about images.
 
 Settings are --name=value, as in train.py. temperature=0 (the default) is greedy decoding, which is
 what train.py's accuracy measures; with --image, a temperature above 0 draws num_samples answers.
+A bad setting, file or checkpoint ends the script with one line that says what is wrong.
 """
 
+import math
 import os
 import random
 import sys
@@ -35,46 +37,81 @@ grid = ""  # write a picture of the samples here (e.g. samples.png)
 dataset = ""  # validation samples from this dataset instead of the checkpoint's
 split = "val"
 device = "auto"
+threads = 0  # CPU threads for torch; 0: the cores that are idle now (casa.pick_threads)
 # -----------------------------------------------------------------------------
 configurator.apply(globals())
 
-device = casa.pick_device(device)
+
+def fail(message):
+    """End the script with one line that says what is wrong (never a traceback)."""
+    sys.exit("error: " + " ".join(str(message).split()))  # one line, even for torch's multi-line messages
+
+
+# the settings' ranges, checked before any work
+for name, ok, rule in [("num_samples", num_samples >= 1, "at least 1"),
+                       ("temperature", 0 <= temperature < math.inf, "0 (greedy) or more"),
+                       ("top_k", top_k >= 0, "0 (off) or more"),
+                       ("max_new_tokens", max_new_tokens >= 1, "at least 1"),
+                       ("seed", seed >= 0, "0 or more"),
+                       ("threads", threads >= 0, "0 (the idle cores) or more")]:
+    if not ok:
+        fail(f"--{name} must be {rule}, got {globals()[name]!r}")
+for special in (casa.ANSWER, casa.ENDOFTEXT):
+    if special in prompt:
+        fail(f"--prompt contains {special}, which the model writes itself: give the question alone")
+if grid and os.path.splitext(grid)[1].lower() not in Image.registered_extensions():
+    fail(f"--grid={grid} is not a picture file name: give one like samples.png")
+try:
+    device = casa.pick_device(device)
+except ValueError as e:
+    fail(e)
+n_threads, why = casa.pick_threads(threads)
+torch.set_num_threads(n_threads)
 torch.manual_seed(seed)
 try:
     model, ck = casa.load_checkpoint(ckpt, device=device)
-except (OSError, ValueError, RuntimeError) as e:
-    sys.exit(f"error: {e}")
+except (OSError, ValueError) as e:  # no such file, not a checkpoint
+    fail(e)
+except RuntimeError as e:  # weights that do not fit its config (load_state_dict's message may be long)
+    text = str(e)[:300]
+    fail(text if ckpt in text else f"cannot load {ckpt}: {text}")
 model.eval()
 config = model.config
-train_args = ck.get("train_args", {})
+train_args = ck.get("train_args") if isinstance(ck.get("train_args"), dict) else {}
 blind = bool(train_args.get("blind", False))
 tokenizer = casa.get_tokenizer()
 S = config.image_size
-print(f"{ckpt}: {config.variant}, step {ck.get('step', '?')}{', BLIND (images blanked)' if blind else ''}")
+print(f"{ckpt}: {config.variant}, step {ck.get('step', '?')}{', BLIND (images blanked)' if blind else ''}; "
+      f"{device}, {n_threads} CPU thread(s) ({why})")
 
 # -----------------------------------------------------------------------------
 # what to ask: rows of (images (k, 3, S, S), prompt ids, prompt text, truth or None)
 rows = []
 if image:
     paths = [p for p in image.split(",") if p]
+    if not paths:
+        fail(f"--image={image!r} names no file: give an image file, or a comma list of them")
     try:
         imgs = torch.stack([load_image(p, S) for p in paths])
         prompts = bind_images([prompt], len(paths), where="--prompt/--image: ")
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (OSError, ValueError) as e:  # no such file, not an image, truncated; markers that do not match
+        fail(e)
     if blind:
         imgs = torch.zeros_like(imgs)
     ids, _ = casa.encode_turn(tokenizer, prompts[0])
     n = num_samples if temperature > 0 else 1
     rows = [dict(images=imgs, ids=ids, prompt=prompts[0], truth=None) for _ in range(n)]
 else:
-    if dataset:
-        folder = resolve_dataset(dataset)
-    else:
-        folder = ck.get("dataset_dir") or ""
-        if not os.path.exists(os.path.join(folder, f"{split}.jsonl")):  # moved: try the name under data/
-            folder = resolve_dataset(train_args.get("dataset", "shapes"))
-    data = Dataset(folder, split, S, blind=blind)
+    try:
+        if dataset:
+            folder = resolve_dataset(dataset)
+        else:
+            folder = ck.get("dataset_dir") or ""
+            if not os.path.exists(os.path.join(folder, f"{split}.jsonl")):  # moved: try the name under data/
+                folder = resolve_dataset(train_args.get("dataset", "shapes"))
+        data = Dataset(folder, split, S, blind=blind)
+    except (OSError, ValueError) as e:  # no such dataset or split, an empty split, a bad line or image
+        fail(e)
     items = data.eval_items()
     rows = random.Random(seed).sample(items, min(num_samples, len(items)))
     print(f"{len(rows)} of {len(items)} {split} answers of {folder}")
@@ -84,7 +121,7 @@ else:
 preds = {}
 for idx, imgs, chunk in eval_batches(rows, batch_size=64):
     if idx.size(1) > config.block_size:
-        sys.exit(f"error: the prompt is {idx.size(1)} tokens, longer than the model's block_size={config.block_size}")
+        fail(f"the prompt is {idx.size(1)} tokens, longer than the model's block_size={config.block_size}")
     out = answer(model, idx.to(device), None if imgs is None else imgs.to(device), tokenizer, max_new_tokens,
                  temperature=temperature, top_k=top_k or None)
     for it, text in zip(chunk, out):
@@ -142,7 +179,11 @@ def draw_grid(cells, path, cell=160, cols=4):
             canvas.paste(rgb.resize((side, side), Image.NEAREST), (x0 + j * side, y0 + (cell - side) // 2))
         for k, (text, color) in enumerate(lines):
             draw.text((x0, y0 + cell + 4 + k * line_h), text, fill=color, font=font)
-    canvas.save(path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        canvas.save(path)
+    except (OSError, ValueError) as e:  # a file where the folder should be, no permission, a full disk
+        fail(f"cannot write --grid={path}: {e}")
 
 
 if grid:

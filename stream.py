@@ -7,7 +7,8 @@ KV cache; and measure why cross-attention stays flat where token insertion grows
       arrive in simulated real time: frame i at i/fps seconds. Each frame is one turn,
       "<|image|><|answer|>" + the model's commentary, appended to the same cache. One line per frame:
       its time in the video, when the line was ready (wall clock since the start) and the delay.
-      A dataset of one-image lines (shapes, most own data) streams each line as a clip of one frame.
+      A dataset of one-image lines (shapes, most own data) streams each line as a clip of one frame,
+      asked its own question; so any checkpoint streams its dataset, or a folder of frames.
 
   benchmark         python stream.py --bench [--turns=300] [--image_tokens=64] [--gen_tokens=8] [--json=PATH]
       Every variant on the same backbone with random weights, batch 1, K turns of one N-token frame
@@ -21,7 +22,8 @@ KV cache; and measure why cross-attention stays flat where token insertion grows
       python -m experiments.efficiency --stream_json=PATH --png=OUT draws.
 
 Several checkpoints captioning side by side: experiments/live_compare.py. The KV cache of the paper's
-backbones: experiments/kv_projection.py.
+backbones: experiments/kv_projection.py. A bad setting, file or checkpoint ends the script with one line
+that says what is wrong.
 """
 
 import json as json_lib  # "json" is a setting below (--json=PATH)
@@ -36,13 +38,13 @@ import torch
 
 import casa
 import configurator
-from data.loader import load_image
+from data.loader import load_image, read_split
 
 # -----------------------------------------------------------------------------
 # settings; each can be set as --name=value or --name value, a boolean as a bare --name
 device = "auto"  # auto: cuda, then mps, then cpu; or a torch device name
 seed = 1337
-threads = 0  # CPU threads for torch (0: torch's choice); 1 keeps timings stable on shared cores
+threads = 0  # CPU threads for torch (0: the cores that are idle now, casa.pick_threads); 1 keeps timings stable
 # live captioning
 ckpt = ""  # a checkpoint (casa.save_checkpoint format) to caption with
 clip = "0"  # clip(s) of the dataset's val.jsonl: 3, 0-9 or all; each its own stream, summed up at the end
@@ -86,6 +88,7 @@ DEFAULTS = configurator.settings(globals())  # what benchmark(**settings) starts
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MiB = 2**20
+MAX_FPS = 1000.0  # a frame a millisecond; --fps (and a clip's fps) lies between 1/MAX_FPS and MAX_FPS
 TEXT_ONLY = "text only"  # the benchmark's reference row: no image at all
 
 
@@ -94,6 +97,47 @@ def sync(device):
         torch.cuda.synchronize()
     elif str(device).startswith("mps"):
         torch.mps.synchronize()
+
+
+def check_settings(s):
+    """Every setting of s (stream.py's settings) in its range, or one ValueError that names it and what
+    it takes: checked when the settings are read, before any work."""
+    rules = [("seed", s.seed >= 0, "0 or more"), ("threads", s.threads >= 0, "0 (the idle cores) or more"),
+             ("fps", s.fps == 0 or 1 / MAX_FPS <= s.fps <= MAX_FPS,
+              f"0 (the clip's) or a rate from {1 / MAX_FPS:g} to {MAX_FPS:g} frames per second"),
+             ("max_new_tokens", s.max_new_tokens >= 1, "at least 1"),
+             ("temperature", 0 <= s.temperature < math.inf, "0 (greedy) or more"),
+             ("top_k", s.top_k >= 0, "0 (off) or more"),
+             ("turns", s.turns >= 1, "at least 1"), ("gen_tokens", s.gen_tokens >= 1, "at least 1"),
+             ("image_tokens", s.image_tokens >= 1 and math.isqrt(s.image_tokens) ** 2 == s.image_tokens,
+              "a square (a grid of patches: 16, 64, 256)"),
+             ("warmup", s.warmup >= 0, "0 or more"), ("sink_tokens", s.sink_tokens >= 0, "0 or more"),
+             ("recent_tokens", s.recent_tokens >= 0, "0 (unbounded) or more")]
+    rules += [(k, getattr(s, k) >= 1, "at least 1")
+              for k in ("n_layer", "n_head", "n_embd", "patch_size", "n_vis_layer", "n_vis_head", "n_vis_embd")]
+    for name, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"--{name} must be {rule}, got {getattr(s, name)!r}")
+    for special in (casa.ANSWER, casa.ENDOFTEXT):
+        if special in s.prompt:
+            raise ValueError(f"--prompt contains {special}, which the model writes itself: leave it out")
+    if s.prompt.count(casa.IMAGE) != 1:
+        raise ValueError(f"--prompt needs exactly one {casa.IMAGE} marker (the frame), got {s.prompt!r}")
+    parse_bytes(s.max_memory)  # a size it cannot read raises here
+    if s.json and os.path.isdir(s.json):
+        raise ValueError(f"--json={s.json} is a folder: give a file name, e.g. runs/stream.json")
+
+
+def load_model(path, device):
+    """casa.load_checkpoint -> (model in eval mode, checkpoint dict). A checkpoint that is missing or
+    not one raises OSError or ValueError; one whose weights do not fit its config (a RuntimeError, as
+    load_state_dict raises it: several lines, maybe long) raises one ValueError line too."""
+    try:
+        model, saved = casa.load_checkpoint(path, device=device)
+    except RuntimeError as e:
+        text = " ".join(str(e).split())[:300]
+        raise ValueError(text if str(path) in text else f"cannot load {path}: {text}") from None
+    return model.eval(), saved
 
 
 def one_turn(model, ids, images, cache, max_new_tokens, temperature=0.0, top_k=None, stop=None):
@@ -118,21 +162,40 @@ def one_turn(model, ids, images, cache, max_new_tokens, temperature=0.0, top_k=N
 # Live captioning
 
 
-def read_clips(data, ckpt):
-    """-> (dataset folder, the clips of its val.jsonl). The folder: `data` if given, else the
-    checkpoint's dataset (its 'dataset_dir', or the 'dataset' setting it was trained with, saved by
-    train.py as 'train_args'), else data/video. A name like "video" is looked up under data/."""
+def find_dataset(data, ckpt):
+    """The folder whose val.jsonl live captioning plays: `data` if given, else the checkpoint's dataset
+    (its 'dataset_dir', or the 'dataset' setting it was trained with, saved by train.py as
+    'train_args'), else, for a checkpoint that names none, data/video. A name like "video" is looked
+    up under data/. When there is none, one FileNotFoundError says what is needed."""
     saved = next((ckpt[k] for k in ("train_args", "args") if isinstance(ckpt.get(k), dict)), {})
-    candidates = [data] if data else [ckpt.get("dataset_dir"), saved.get("dataset"), "data/video"]
+    named = [c for c in (ckpt.get("dataset_dir"), saved.get("dataset")) if isinstance(c, str) and c]
+    candidates = [data] if data else named or ["video"]
     for candidate in candidates:
-        if not isinstance(candidate, str) or not candidate:
-            continue
         for path in (candidate, os.path.join(HERE, candidate), os.path.join(HERE, "data", candidate)):
             if os.path.isfile(os.path.join(path, "val.jsonl")):
-                with open(os.path.join(path, "val.jsonl"), encoding="utf-8") as f:
-                    return path, [json_lib.loads(line) for line in f if line.strip()]
-    raise FileNotFoundError(f"no val.jsonl found for dataset {' / '.join(str(c) for c in candidates if c)}; make the "
-                            "video clips with: python data/video/prepare.py (or pass --frames DIR)")
+                return path
+    instead = "give --data=FOLDER (a dataset folder with val.jsonl) or --frames=DIR (a folder of images)"
+    if data:
+        raise FileNotFoundError(f"--data={data}: no val.jsonl there; {instead}")
+    built_in = [c for c in candidates if os.path.isfile(os.path.join(HERE, "data", c, "prepare.py"))]
+    make = f"make it with python -m data.{built_in[0]}.prepare, or " if built_in else ""
+    whose = "the checkpoint's dataset" if named else "the default dataset (the checkpoint names none)"
+    raise FileNotFoundError(f"no val.jsonl for {whose}, {' or '.join(candidates)}: {make}{instead}")
+
+
+def read_clips(data, ckpt):
+    """-> (dataset folder, its validation samples (data.loader.Sample: images, turns, task), the frame
+    rate of each, its "fps" field or 2). The folder: find_dataset(data, ckpt). The lines are checked
+    as training checks them: a bad one is a ValueError naming its file, line and field."""
+    folder = find_dataset(data, ckpt)
+    samples = read_split(folder, "val")
+    with open(os.path.join(folder, "val.jsonl"), encoding="utf-8-sig") as f:  # the lines read_split checked
+        rates = [json_lib.loads(line).get("fps", 2.0) for line in f if line.strip()]
+    for sample, rate in zip(samples, rates):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1 / MAX_FPS <= rate <= MAX_FPS:
+            raise ValueError(f"{sample.where}: 'fps' must be a number from {1 / MAX_FPS:g} to {MAX_FPS:g}, "
+                             f"got {rate!r}")
+    return folder, samples, [float(r) for r in rates]
 
 
 def clip_indices(spec, n):
@@ -145,23 +208,22 @@ def clip_indices(spec, n):
     except ValueError:
         raise ValueError(f"--clip takes an index (3), a range (0-9) or 'all', got {spec!r}") from None
     if not out or not 0 <= out[0] <= out[-1] < n:
-        raise IndexError(f"--clip {spec} out of range: the dataset's val.jsonl has {n} clips")
+        raise ValueError(f"--clip {spec} out of range: the dataset's val.jsonl has {n} clips (0 to {n - 1})")
     return out
 
 
-def clip_frames(folder, clip, index, image_size, prompt, clip_prompts):
-    """Clip `index` of folder/val.jsonl -> (frames (K, 3, S, S), prompts [K], references [K] or None,
-    the clip's fps, description). Each turn asks `prompt`, or with clip_prompts the clip's own."""
-    if "images" not in clip:  # the one-image shorthand line (shapes, most own data): a clip of one frame,
-        # asked its own question (the image goes first, as in training)
-        own = clip["prompt"] if casa.IMAGE in clip["prompt"] else casa.IMAGE + clip["prompt"]
-        return (load_image(os.path.join(folder, clip["image"]), image_size)[None], [own], [clip["answer"]],
-                2.0, f"{folder}/val.jsonl line {index + 1} ({clip.get('task', '?')}, one image)")
-    frames = torch.stack([load_image(os.path.join(folder, p), image_size) for p in clip["images"]])
-    turns = clip.get("turns", [])
-    refs = [t["answer"] for t in turns] if len(turns) == len(frames) else None
-    prompts = [t["prompt"] for t in turns] if clip_prompts and refs else [prompt] * len(frames)
-    return frames, prompts, refs, clip.get("fps", 2.0), f"{folder}/val.jsonl clip {index} ({clip.get('task', '?')})"
+def clip_frames(sample, image_size, prompt, clip_prompts):
+    """One validation sample as a clip -> (frames (K, 3, S, S), prompts [K], references [K] or None).
+    Each turn asks `prompt`, or with clip_prompts the clip's own. A one-image sample (shapes, most own
+    data) is a clip of one frame asked its own question (the image goes first, as in training)."""
+    if not sample.images:
+        raise ValueError(f"{sample.where}: no image to stream (live captioning needs a frame a turn)")
+    frames = torch.stack([load_image(p, image_size) for p in sample.images])
+    prompts, answers = [p for p, _ in sample.turns], [a for _, a in sample.turns]
+    if len(frames) == 1 and len(prompts) == 1:
+        return frames, prompts, answers
+    refs = answers if len(answers) == len(frames) else None
+    return frames, prompts if clip_prompts and refs else [prompt] * len(frames), refs
 
 
 def folder_frames(folder, image_size):
@@ -178,22 +240,24 @@ def folder_frames(folder, image_size):
 def live(s):
     """Live captioning of s.frames, or of one or several validation clips (s.clip: 3, 0-9, all), each
     clip its own stream with a fresh cache. Returns the delay of every frame (seconds)."""
-    if s.max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be at least 1, got {s.max_new_tokens}")
     dev = casa.pick_device(s.device)
-    model, saved = casa.load_checkpoint(s.ckpt, device=dev)
-    model.eval()
+    model, saved = load_model(s.ckpt, dev)
+    train_args = saved.get("train_args") if isinstance(saved.get("train_args"), dict) else {}
+    blind = bool(train_args.get("blind", False))
     tok = casa.get_tokenizer()
     S = model.config.image_size
     if s.frames:
         images = folder_frames(s.frames, S)
         streams = [(images, [s.prompt] * len(images), None, 2.0, s.frames)]
     else:
-        folder, clips = read_clips(s.data, saved)
-        indices = clip_indices(str(s.clip), len(clips))
-        streams = (clip_frames(folder, clips[i], i, S, s.prompt, s.clip_prompts) for i in indices)  # one at a time
+        folder, samples, rates = read_clips(s.data, saved)
+        indices = clip_indices(str(s.clip), len(samples))
+        streams = ((*clip_frames(samples[i], S, s.prompt, s.clip_prompts), rates[i],  # one clip at a time
+                    f"{folder}/val.jsonl clip {i} ({samples[i].task or '?'})") for i in indices)
     delays, right, n = [], [], 0
     for images, prompts, refs, clip_fps, desc in streams:  # (K, 3, S, S), [K], [K] or None
+        if blind:  # a blind baseline saw blank images in training: so it does here (as sample.py)
+            images, desc = torch.zeros_like(images), desc + ", BLIND (frames blanked)"
         d, r = live_stream(s, model, tok, dev, images, prompts, refs, s.fps or clip_fps, desc)
         delays, right, n = delays + d, right + r, n + 1
     if n > 1:
@@ -209,7 +273,8 @@ def live_stream(s, model, tok, dev, frames, prompts, refs, fps, desc):
     stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
     for p in prompts:
         if p.count(casa.IMAGE) != 1:
-            raise ValueError(f"each turn's prompt needs exactly one {casa.IMAGE} marker (the frame), got {p!r}")
+            raise ValueError(f"{desc}: each turn's prompt needs exactly one {casa.IMAGE} marker (the frame), "
+                             f"got {p!r}")
     print(f"live captioning: {len(frames)} frames of {desc} at {fps:g} fps, variant {model.config.variant}, "
           f"{dev}{', no waiting for real time' if s.no_wait else ''}")
     print(" video t | ready at |  delay | commentary    (delay = ready - the frame's time; < 0: ahead of the video)")
@@ -243,16 +308,21 @@ def live_stream(s, model, tok, dev, frames, prompts, refs, fps, desc):
 
 
 def parse_bytes(text):
-    """'2GB' -> 2e9, '512MiB' -> 536870912, '1e9' -> 1e9 (bytes); empty: None (no limit)."""
+    """'2GB' -> 2e9, '512MiB' -> 536870912, '1e9' -> 1e9 (bytes); empty: None (no limit). Anything
+    else (not a size, 0 or less) raises ValueError."""
     if text is None or text == "":
         return None
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9,
              "k": 1e3, "m": 1e6, "g": 1e9, "b": 1}
     t = str(text).strip().lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * units[unit])
-    return int(float(t))
+    unit = next((u for u in sorted(units, key=len, reverse=True) if t.endswith(u)), "")
+    try:
+        n = float(t[: len(t) - len(unit)]) * units.get(unit, 1)
+    except ValueError:
+        n = math.nan
+    if not 1 <= n < math.inf:
+        raise ValueError(f"--max_memory takes a size like 2GB, 512MiB or 1e9 (bytes), got {text!r}")
+    return int(n)
 
 
 def format_bytes(n):
@@ -348,11 +418,12 @@ def benchmark(log=print, **settings):
     if unknown:
         raise TypeError(f"benchmark() got unknown settings: {', '.join(unknown)}")
     s = SimpleNamespace(**{**DEFAULTS, **settings})
+    check_settings(s)
     dev = casa.pick_device(s.device)
     budget = parse_bytes(s.max_memory)
     names = [v.strip() for v in s.variants.split(",") if v.strip()]
-    if s.gen_tokens < 1 or s.turns < 1:
-        raise ValueError("--gen_tokens and --turns must be at least 1")
+    if not names:
+        raise ValueError(f"--variants names none: give some of {', '.join(casa.VARIANTS)}")
     for v in names:
         if v not in casa.VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {', '.join(casa.VARIANTS)}")
@@ -365,6 +436,8 @@ def benchmark(log=print, **settings):
     if s.text_only:
         names.append(TEXT_ONLY)
     c = bench_config(s, names[0] if names[0] != TEXT_ONLY else "ca")
+    if s.json:  # its folder now: a bad path must not cost the whole run
+        os.makedirs(os.path.dirname(s.json) or ".", exist_ok=True)
     gen = torch.Generator().manual_seed(s.seed)
     images = [torch.rand(1, 3, c.image_size, c.image_size, generator=gen).to(dev) for _ in range(8)]
     T = 2 + s.gen_tokens
@@ -469,20 +542,21 @@ def ratio_lines(records):
 
 
 def main(argv=None):
-    """The command line (default: sys.argv[1:]) -> the benchmark's records, or live captioning's delays."""
+    """The command line (default: sys.argv[1:]) -> the benchmark's records, or live captioning's delays.
+    Bad input (a setting, a file, a checkpoint) ends it with one line: SystemExit("error: ...")."""
     configurator.apply(globals(), argv)
     s = SimpleNamespace(**configurator.settings(globals()))
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    if s.bench:
-        return benchmark(**vars(s))
-    if s.ckpt:
-        return live(s)
-    sys.exit("error: give --ckpt=PATH (live captioning) or --bench; --help lists the settings")
+    if not s.bench and not s.ckpt:
+        sys.exit("error: give --ckpt=PATH (live captioning) or --bench; --help lists the settings")
+    try:
+        check_settings(s)
+        n, why = casa.pick_threads(s.threads)
+        torch.set_num_threads(n)
+        print(f"{n} CPU thread(s) ({why})")
+        return benchmark(**vars(s)) if s.bench else live(s)
+    except (OSError, ValueError) as e:  # bad input: one line (torch's messages may span several), no traceback
+        sys.exit("error: " + " ".join(str(e).split()))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, IndexError, ValueError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    main()

@@ -27,8 +27,8 @@ from types import SimpleNamespace
 
 import casa
 import configurator
-from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,
-                              parse_seeds, predictions, run_all, write_result)
+from experiments.runs import (AT_LEAST_1, ROOT, TASK_SETTINGS, check_settings, is_default, markdown_table,
+                              mean_spread, model_settings, parse_names, parse_seeds, predictions, run_all, write_result)
 
 # one budget for every run (train.py's recipe otherwise): 4-7 min each on one CPU thread (text's, with 8 px patches, the longest)
 BUDGET = dict(max_iters=1000, batch_size=32, eval_interval=1000, num_show=0)
@@ -47,6 +47,8 @@ jobs = 2  # runs at once (each on --threads threads)
 threads = 1
 # -----------------------------------------------------------------------------
 DEFAULTS = configurator.settings(globals())  # only a run with these publishes its table (runs.is_default)
+MODELS = [*casa.VARIANTS, "blind"]  # what --models may name
+PATCH_SIZE = (lambda p: p == 0 or (p >= 2 and p & (p - 1) == 0), "0 (each task's own) or a power of 2 (2, 4, 8, 16)")
 
 
 def long_budget(max_iters):
@@ -115,7 +117,8 @@ def by_question(ckpt_path):
 def main(argv=None):
     configurator.apply(globals(), argv)
     args = SimpleNamespace(**configurator.settings(globals()))
-    tasks, models = args.tasks.split(","), args.models.split(",")
+    check_settings(vars(args), max_iters=AT_LEAST_1, patch_size=PATCH_SIZE, jobs=AT_LEAST_1, threads=AT_LEAST_1)
+    tasks, models = parse_names(args.tasks, "tasks"), parse_names(args.models, "models", MODELS)
     seeds = parse_seeds(args.seeds)
     budget, root, name = BUDGET, "runs/accuracy", "accuracy"
     if args.max_iters != BUDGET["max_iters"]:

@@ -19,7 +19,8 @@ from types import SimpleNamespace
 
 import configurator
 from experiments.accuracy import BUDGET, jobs_for
-from experiments.runs import RECIPE_2025, is_default, markdown_table, mean_spread, parse_seeds, run_all, write_result
+from experiments.runs import (AT_LEAST_1, RECIPE_2025, check_settings, is_default, markdown_table, mean_spread,
+                              parse_names, parse_seeds, run_all, write_result)
 
 # -----------------------------------------------------------------------------
 tasks = "shapes"
@@ -38,7 +39,8 @@ SETTINGS = {  # row name -> --freeze
 def main(argv=None):
     configurator.apply(globals(), argv)
     args = SimpleNamespace(**configurator.settings(globals()))
-    tasks, seeds = args.tasks.split(","), parse_seeds(args.seeds)
+    check_settings(vars(args), jobs=AT_LEAST_1, threads=AT_LEAST_1)
+    tasks, seeds = parse_names(args.tasks, "tasks"), parse_seeds(args.seeds)
 
     # the starting points and the from-scratch reference (no-ops when accuracy.py already ran them)
     base = run_all(jobs_for(tasks, ["insertion", "ca"], seeds), args.jobs, args.threads)

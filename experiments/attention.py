@@ -24,7 +24,9 @@ import casa
 import configurator
 from data.loader import Dataset
 from experiments import plots
-from experiments.runs import ROOT, is_default, markdown_table, parse_seeds, write_result
+from experiments.runs import (AT_LEAST_1, ROOT, check_picture, check_settings, is_default, markdown_table,
+                              parse_seeds, write_result)
+from stream import load_model
 
 MODELS = ["ca_tv", "insertion"]
 
@@ -56,6 +58,8 @@ def mass_on(model, data, n_samples):
 def main(argv=None):
     configurator.apply(globals(), argv)
     args = SimpleNamespace(**configurator.settings(globals()))
+    check_settings(vars(args), samples=AT_LEAST_1)
+    check_picture("out", args.out, ROOT)
     seeds = parse_seeds(args.seeds)
 
     panels, rows, data = [], [], {}
@@ -65,9 +69,12 @@ def main(argv=None):
             path = os.path.join(ROOT, f"runs/accuracy/{args.task}/{name}-s{seed}/ckpt.pt")
             if not os.path.exists(path):
                 sys.exit(f"error: no checkpoint at {path}: run python -m experiments.accuracy --tasks={args.task} first")
-            model, ckpt = casa.load_checkpoint(path)
-            dataset = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
-            trained.append(mass_on(model.eval(), dataset, args.samples))
+            try:
+                model, ckpt = load_model(path, "cpu")
+                dataset = Dataset(ckpt.get("dataset_dir", ""), "val", model.config.image_size)
+            except (OSError, ValueError) as e:  # not a checkpoint, weights that do not fit, its dataset gone
+                sys.exit(f"error: {e}")
+            trained.append(mass_on(model, dataset, args.samples))
             torch.manual_seed(seed)  # the same initialisation train.py started from
             untrained.append(mass_on(casa.VLM(model.config).eval(), dataset, args.samples))
         trained, untrained = torch.stack(trained), torch.stack(untrained)  # (seeds, L, H)

@@ -15,6 +15,7 @@ import torch
 import casa
 import configurator
 from experiments import plots
+from experiments.runs import check_picture
 
 # -----------------------------------------------------------------------------
 out = "docs/masks.png"  # the picture to write
@@ -56,6 +57,7 @@ def masks_for(variant, idx, n_images):
 
 def main(argv=None):
     configurator.apply(globals(), argv)
+    check_picture("out", out)
     tok = casa.get_tokenizer()
     ids = tok.encode("ab<|image|>cde<|image|>fg", allowed_special="all")
     idx = torch.tensor([ids])

@@ -35,7 +35,8 @@ import configurator
 import stream
 from data.loader import Dataset, resolve_dataset, text_tokens
 from experiments import plots
-from experiments.runs import is_default, markdown_table, write_result
+from experiments.runs import (AT_LEAST_1, check_picture, check_settings, is_default, markdown_table, parse_names,
+                              write_result)
 
 # -----------------------------------------------------------------------------
 variants = ",".join(casa.VARIANTS)
@@ -127,21 +128,30 @@ def main(argv=None):
     if stream_json:
         if not png:
             sys.exit("error: --stream_json draws a picture: give its path too, --png=PATH")
+        check_picture("png", png)
         try:
             with open(stream_json) as f:
                 records = json.load(f)
         except (OSError, ValueError) as e:
             sys.exit(f"error: --stream_json={stream_json}: {e}")
+        fields = {"variant", "turn", "kv_bytes", "ttft_ms"}
+        if not isinstance(records, list) or not records or not all(isinstance(r, dict) and fields <= r.keys()
+                                                                   for r in records):
+            sys.exit(f"error: --stream_json={stream_json} holds no benchmark records: write them with "
+                     "python stream.py --bench --json=PATH")
         draw_stream(records, png)
         print(f"wrote {png}")
         return
+    check_settings(configurator.settings(globals()), train_steps=AT_LEAST_1, batch_size=AT_LEAST_1, turns=AT_LEAST_1,
+                   threads=AT_LEAST_1,
+                   patch_size=(lambda p: p in (2, 4, 8, 16, 32), "a power of 2 that divides the 32 px images: 2 to 32"))
+    names = parse_names(variants, "variants", casa.VARIANTS)
     torch.set_num_threads(threads)
-    dev = casa.pick_device(device)
-    names = variants.split(",")
-    unknown = [v for v in names if v not in casa.VARIANTS]
-    if unknown:
-        sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(casa.VARIANTS)}")
-    data = Dataset(resolve_dataset("shapes"), "train", 32)
+    try:
+        dev = casa.pick_device(device)
+        data = Dataset(resolve_dataset("shapes"), "train", 32)
+    except (OSError, ValueError) as e:  # no such device; the shapes data missing and not made
+        sys.exit(f"error: {e}")
 
     train = {}
     for v in names:

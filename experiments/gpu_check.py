@@ -46,7 +46,6 @@ def main(argv=None):
         sys.exit("error: no CUDA GPU here (torch.cuda.is_available() is False); run this on a machine with one, "
                  "or --require_gpu=False to run the same steps on this device")
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (cpu)"
-    os.makedirs(out_dir, exist_ok=True)
     py, ckpt, run_dir = sys.executable, os.path.join(out_dir, "train", "ckpt.pt"), os.path.join(out_dir, "train")
     small = ["--max_iters=50", "--eval_interval=50"] if quick else []
     steps = {
@@ -58,6 +57,10 @@ def main(argv=None):
     }
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
         sys.exit(f"error: {run_dir} already holds a run; give another --out_dir (or remove it)")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:  # a file where the folder should be, no permission
+        sys.exit(f"error: --out_dir={out_dir}: cannot make it: {e}")
     results = {"device": card, "quick": quick, "steps": {}}
     for name, cmd in steps.items():
         wall, _ = timed(cmd, os.path.join(out_dir, name.replace(" ", "_") + ".txt"))

@@ -61,7 +61,12 @@ def main(argv=None):
     try:
         sizes = [int(n) for n in image_tokens.split(",")]
     except ValueError:
-        sys.exit(f"error: --image_tokens takes a comma list of numbers (256,1024), got {image_tokens!r}")
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        sys.exit(f"error: --image_tokens takes a comma list of numbers, each at least 1 (256,1024), "
+                 f"got {image_tokens!r}")
+    if text_tokens < 1:
+        sys.exit(f"error: --text_tokens must be at least 1, got {text_tokens}")
     T = text_tokens
     print(f"KV cache (keys + values, every layer, bf16), T={T} text tokens per turn; 'over 80 GB' = first turn whose "
           "KV cache alone exceeds 80e9 bytes (weights and activations come on top)")

@@ -23,12 +23,12 @@ answer prior, docs/results.md).
 
 import json
 import os
-import sys
 from types import SimpleNamespace
 
 import configurator
 from experiments import accuracy, plots, video
-from experiments.runs import ROOT, TASK_SETTINGS, markdown_table, model_settings, parse_seeds, run_all, write_result
+from experiments.runs import (AT_LEAST_1, ROOT, TASK_SETTINGS, check_settings, markdown_table, model_settings,
+                              parse_names, parse_seeds, run_all, write_result)
 
 FINE_ITERS = 10000  # text and charts: the budget of Table 2's fine-grained columns
 # the published pictures: each pair of tasks drawn by default -> (file name, models, seeds)
@@ -91,12 +91,12 @@ def main(argv=None):
     # published: a pair of PUBLISHED with its own models and seeds, and every other setting at its default
     published = args.tasks in PUBLISHED and args.models in ("", default_models) and args.seeds in ("", default_seeds) \
         and all(getattr(args, k) == DEFAULTS[k] for k in ("video_models", "max_iters", "every"))
-    tasks, models = args.tasks.split(","), (args.models or default_models).split(",")
+    check_settings(vars(args), max_iters=AT_LEAST_1, every=AT_LEAST_1, jobs=AT_LEAST_1, threads=AT_LEAST_1)
+    tasks = parse_names(args.tasks, "tasks", TASK_SETTINGS)
+    models = parse_names(args.models or default_models, "models", accuracy.MODELS)
+    video_models = parse_names(args.video_models, "video_models", video.VARIANTS)
     seeds = parse_seeds(args.seeds or default_seeds)
-    unknown = [t for t in tasks if t not in TASK_SETTINGS]
-    if unknown:
-        sys.exit(f"error: unknown task {unknown[0]!r}; choose from {', '.join(TASK_SETTINGS)}")
-    jobs, where = learning_jobs(tasks, models, args.video_models.split(","), seeds, args.max_iters, args.every)
+    jobs, where = learning_jobs(tasks, models, video_models, seeds, args.max_iters, args.every)
     run_all(jobs, args.jobs, args.threads)
 
     curves = {key: curve(out_dir) for key, out_dir in where.items()}  # (task, model, seed) -> points

@@ -25,6 +25,7 @@ import casa
 import configurator
 import stream
 from experiments import plots
+from experiments.runs import check_picture
 
 # -----------------------------------------------------------------------------
 ckpts = ""  # the checkpoints, a comma list (a.pt,b.pt): each captions the same clips
@@ -41,7 +42,7 @@ recent_tokens = 0  # > 0: bound the text cache of models with one image in their
 json = ""  # write every frame's times and captions here
 png = ""  # draw the last clip's frames with each model's captions and delays here
 device = "auto"
-threads = 0  # CPU threads for torch (0: torch's choice)
+threads = 0  # CPU threads for torch (0: the cores that are idle now, casa.pick_threads)
 # -----------------------------------------------------------------------------
 
 
@@ -78,31 +79,50 @@ def caption_stream(model, tok, clips, fps, max_new_tokens, stop, bound, one_stre
     return out
 
 
-@torch.inference_mode()
 def main(argv=None):
-    """The command line (default: sys.argv[1:]) -> {checkpoint: [one dict per frame]}."""
+    """The command line (default: sys.argv[1:]) -> {checkpoint: [one dict per frame]}. Bad input (a
+    setting, a file, a checkpoint) ends it with one line: SystemExit("error: ...")."""
     configurator.apply(globals(), argv)
-    if threads:
-        torch.set_num_threads(threads)
+    try:
+        return compare()
+    except (OSError, ValueError) as e:  # bad input: one line (torch's messages may span several), no traceback
+        sys.exit("error: " + " ".join(str(e).split()))
+
+
+@torch.inference_mode()
+def compare():
+    """main() with the settings read: caption, print, and write what was asked."""
     paths = [p for p in ckpts.split(",") if p]
     if not paths:
         raise ValueError("give the checkpoints to compare: --ckpts=a.pt,b.pt")
-    if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    for name, ok, rule in [("fps", fps == 0 or 1 / stream.MAX_FPS <= fps <= stream.MAX_FPS,
+                            f"0 (the first clip's) or a rate from {1 / stream.MAX_FPS:g} to {stream.MAX_FPS:g}"),
+                           ("max_new_tokens", max_new_tokens >= 1, "at least 1"),
+                           ("sink_tokens", sink_tokens >= 0, "0 or more"),
+                           ("recent_tokens", recent_tokens >= 0, "0 (unbounded) or more"),
+                           ("threads", threads >= 0, "0 (the idle cores) or more")]:
+        if not ok:
+            raise ValueError(f"--{name} must be {rule}, got {globals()[name]!r}")
+    if prompt.count(casa.IMAGE) != 1 or casa.ANSWER in prompt or casa.ENDOFTEXT in prompt:
+        raise ValueError(f"--prompt needs exactly one {casa.IMAGE} marker (the frame) and no {casa.ANSWER} or "
+                         f"{casa.ENDOFTEXT} (the model writes those), got {prompt!r}")
+    if png:
+        check_picture("png", png)
+    if json and os.path.isdir(json):
+        raise ValueError(f"--json={json} is a folder: give a file name")
+    torch.set_num_threads(casa.pick_threads(threads)[0])
     dev = casa.pick_device(device)
-    models = [casa.load_checkpoint(p, device=dev) for p in paths]
-    folder, clips = stream.read_clips(data, models[0][1])
-    indices = stream.clip_indices(str(clip), len(clips))
-    rate = fps or clips[indices[0]].get("fps", 2.0)
+    models = [stream.load_model(p, dev) for p in paths]
+    folder, samples, rates = stream.read_clips(data, models[0][1])
+    indices = stream.clip_indices(str(clip), len(samples))
+    rate = fps or rates[indices[0]]
     tok = casa.get_tokenizer()
     stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
     results, refs, last_clip = {}, [], None
     for path, (model, _) in zip(paths, models):
-        model.eval()
         stream_clips, refs = [], []
         for i in indices:
-            frames, prompts, r, _, _ = stream.clip_frames(folder, clips[i], i, model.config.image_size, prompt,
-                                                          clip_prompts)
+            frames, prompts, r = stream.clip_frames(samples[i], model.config.image_size, prompt, clip_prompts)
             stream_clips.append((frames, prompts))
             last_clip = frames
             refs += r if r is not None else [None] * len(frames)
@@ -134,6 +154,7 @@ def main(argv=None):
         plots.caption_strip(last_clip, names, [results[p][-k:] for p in paths], refs[-k:], rate, png)
         print(f"wrote {png}")
     if json:
+        os.makedirs(os.path.dirname(json) or ".", exist_ok=True)
         with open(json, "w") as f:
             json_lib.dump(dict(fps=rate, clips=clip, names=names, refs=refs, results=[results[p] for p in paths]), f)
         print(f"wrote {json}")
@@ -141,7 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, IndexError, ValueError) as e:  # bad input: one line, no traceback
-        sys.exit(f"error: {e}")
+    main()

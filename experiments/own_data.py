@@ -19,9 +19,10 @@ import os
 from types import SimpleNamespace
 
 import configurator
+from experiments.accuracy import MODELS
 from experiments.plots import grid_of, line_panels
-from experiments.runs import (ROOT, is_default, markdown_table, mean_spread, model_settings, parse_seeds,
-                              run_all, write_result)
+from experiments.runs import (AT_LEAST_1, ROOT, check_settings, is_default, markdown_table, mean_spread,
+                              model_settings, parse_names, parse_seeds, run_all, write_result)
 
 # the scenes set's question kinds by their first two words; other folders keep train.py's kind names
 SCENES_KINDS = {"is there": "existence", "what color": "colour", "what shape": "shape", "how many": "count",
@@ -57,7 +58,9 @@ def evaluations(out_dir):
 def main(argv=None):
     configurator.apply(globals(), argv)
     args = SimpleNamespace(**configurator.settings(globals()))
-    datasets, models, seeds = args.datasets.split(","), args.models.split(","), parse_seeds(args.seeds)
+    check_settings(vars(args), jobs=AT_LEAST_1, threads=AT_LEAST_1)
+    datasets, models = parse_names(args.datasets, "datasets"), parse_names(args.models, "models", MODELS)
+    seeds = parse_seeds(args.seeds)
 
     jobs = [(f"runs/own_data/{short_name(d)}/{m}-s{s}",
              dict(dataset=d, **model_settings(m), seed=s, eval_interval=EVAL_INTERVAL, num_show=0))

@@ -18,6 +18,7 @@ import torch
 
 import casa
 from data.loader import Dataset, answer, eval_batches, resolve_dataset
+from stream import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +99,10 @@ def run_all(jobs, parallel=2, threads=1):
     # a built-in dataset missing on a fresh clone is prepared here, once, before runs start in parallel
     names = [s.get("dataset", "shapes") for _, s in todo]  # train.py's default dataset is shapes
     for name in dict.fromkeys(n for n in names if "/" not in n):  # built-in names, each once
-        resolve_dataset(name)
+        try:
+            resolve_dataset(name)
+        except (OSError, ValueError) as e:  # an unknown name, a prepare script that failed
+            sys.exit(f"error: {e}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     running, done, t_start = [], 0, time.time()
     while todo or running:
@@ -133,12 +137,58 @@ def run_all(jobs, parallel=2, threads=1):
     return {d: final_record(d) for d, _ in jobs}
 
 
+# -----------------------------------------------------------------------------
+# Settings: each script checks its own when it reads them; a bad one ends it with one line
+
+
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+AT_LEAST_0 = (lambda v: v >= 0, "0 or more")
+
+
+def check_settings(settings, **rules):
+    """settings: {name: value} of a script; rules: name=(test, what it takes), e.g. jobs=AT_LEAST_1.
+    The first setting that fails its test ends the script with one line naming it and its value."""
+    for name, (test, takes) in rules.items():
+        if not test(settings[name]):
+            sys.exit(f"error: --{name} must be {takes}, got {settings[name]!r}")
+
+
 def parse_seeds(text):
-    """'1,2,3' -> [1, 2, 3]; anything else ends the script with one line that says what to give."""
+    """'1,2,3' -> [1, 2, 3]; anything else (not whole numbers, negative, repeated) ends the script
+    with one line that says what to give."""
     try:
-        return [int(s) for s in text.split(",")]
+        seeds = [int(s) for s in text.split(",")]
     except ValueError:
         sys.exit(f"error: --seeds={text!r} is not a comma-separated list of whole numbers; give e.g. --seeds=1,2,3")
+    if min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        sys.exit(f"error: --seeds={text!r}: each seed once, 0 or more; give e.g. --seeds=1,2,3")
+    return seeds
+
+
+def parse_names(text, setting, choices=None):
+    """'a,b' -> ['a', 'b'], a comma-list setting (--models, --tasks); an empty or repeated name, or
+    with `choices` one not among them, ends the script with one line."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names) or len(set(names)) < len(names):
+        sys.exit(f"error: --{setting}={text!r}: give a comma list of names, each once")
+    unknown = [n for n in names if choices is not None and n not in choices]
+    if unknown:
+        sys.exit(f"error: --{setting}: unknown {unknown[0]!r}; choose from {', '.join(choices)}")
+    return names
+
+
+def check_picture(setting, path, root=""):
+    """A picture setting (--png, --out), before any work: a file name Pillow can write (by its
+    extension), its folder made now (under root, for a path relative to the repo)."""
+    from PIL import Image
+
+    full = os.path.join(root, path)
+    if os.path.splitext(path)[1].lower() not in Image.registered_extensions() or os.path.isdir(full):
+        sys.exit(f"error: --{setting}={path} is not a picture file name: give one like {setting}.png")
+    try:
+        os.makedirs(os.path.dirname(full) or ".", exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission
+        sys.exit(f"error: --{setting}={path}: cannot make its folder: {e}")
 
 
 def model_settings(model):
@@ -147,10 +197,11 @@ def model_settings(model):
 
 
 def validation_split(ckpt_path):
-    """(model, its validation Dataset) of a checkpoint: blank images if it was trained blind."""
-    model, ckpt = casa.load_checkpoint(ckpt_path)
+    """(model, its validation Dataset) of a checkpoint: blank images if it was trained blind. A missing
+    or broken checkpoint, or its dataset gone, raises OSError or ValueError (one line)."""
+    model, ckpt = load_model(ckpt_path, "cpu")
     blind = ckpt.get("train_args", {}).get("blind", False)
-    return model.eval(), Dataset(ckpt["dataset_dir"], "val", model.config.image_size, blind=blind)
+    return model, Dataset(ckpt.get("dataset_dir", ""), "val", model.config.image_size, blind=blind)
 
 
 @torch.no_grad()

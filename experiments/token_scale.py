@@ -56,12 +56,12 @@ def main(argv=None):
     configurator.apply(globals(), argv)
     if not ckpt:
         sys.exit("error: --ckpt is required: the checkpoint to measure, e.g. --ckpt=out/ckpt.pt")
-    if samples < 1:
-        sys.exit(f"error: --samples must be at least 1, got {samples}")
+    if samples < 1 or seed < 0:
+        sys.exit(f"error: --samples must be at least 1 and --seed 0 or more, got {samples} and {seed}")
 
     try:
         model, data = validation_split(ckpt)
-    except (OSError, ValueError, RuntimeError) as e:  # no such file, not a checkpoint, its dataset gone
+    except (OSError, ValueError) as e:  # no such file, not a checkpoint, weights that do not fit, its dataset gone
         sys.exit(f"error: {e}")
     idx, images, _ = next(iter(eval_batches(data.eval_items()[:samples], samples)))
     torch.manual_seed(seed)

@@ -41,8 +41,10 @@ import casa
 import configurator
 from data.common import COLORS, SHAPES
 from data.loader import Dataset, score
-from experiments.runs import (ROOT, TASK_SETTINGS, is_default, markdown_table, mean_spread, model_settings,
-                              parse_seeds, predictions, run_all, validation_split, write_result)
+from experiments.runs import (AT_LEAST_0, AT_LEAST_1, ROOT, TASK_SETTINGS, check_settings, is_default, markdown_table,
+                              mean_spread, model_settings, parse_names, parse_seeds, predictions, run_all,
+                              validation_split, write_result)
+from stream import load_model
 
 # one budget for every variant: experiments/runs.py's video settings (64 px, 16 tokens a frame, 8 clips a
 # batch, 800 steps of vision pretraining), 8000 steps, evaluated every 1000. At 4000 steps insertion and
@@ -175,14 +177,15 @@ def bounded_cost(args):
     try:
         windows = [int(w) for w in args.recent_tokens.split(",")]
     except ValueError:
-        sys.exit(f"error: --recent_tokens={args.recent_tokens!r} is not a comma-separated list of whole numbers; "
-                 "give e.g. --recent_tokens=8,16,0")
+        windows = [-1]
+    if min(windows) < 0:
+        sys.exit(f"error: --recent_tokens={args.recent_tokens!r} is not a comma-separated list of whole numbers, "
+                 "each 0 (unbounded) or more; give e.g. --recent_tokens=8,16,0")
     try:
-        model, ckpt = casa.load_checkpoint(args.bounded)
-        data = Dataset(ckpt["dataset_dir"], "val", model.config.image_size)
-    except (OSError, ValueError, RuntimeError) as e:  # no such file, not a checkpoint, its dataset gone
+        model, ckpt = load_model(args.bounded, "cpu")
+        data = Dataset(ckpt.get("dataset_dir", ""), "val", model.config.image_size)
+    except (OSError, ValueError) as e:  # no such file, not a checkpoint, weights that do not fit, its dataset gone
         sys.exit(f"error: {e}")
-    model.eval()
     rows, out = [], {}
     for w in windows:
         answers, most = streamed_answers(model, data, args.sink_tokens, w or None)
@@ -205,9 +208,10 @@ def bounded_cost(args):
 def main(argv=None):
     configurator.apply(globals(), argv)
     args = SimpleNamespace(**configurator.settings(globals()))
+    check_settings(vars(args), max_iters=AT_LEAST_1, jobs=AT_LEAST_1, threads=AT_LEAST_1, sink_tokens=AT_LEAST_0)
     if args.bounded:
         return bounded_cost(args)
-    variants, seeds = args.variants.split(","), parse_seeds(args.seeds)
+    variants, seeds = parse_names(args.variants, "variants", VARIANTS), parse_seeds(args.seeds)
     budget, root, name = BUDGET, "runs/video", "video"
     if args.max_iters != BUDGET["max_iters"]:
         budget = dict(BUDGET, max_iters=args.max_iters, eval_interval=max(1, args.max_iters // 8))

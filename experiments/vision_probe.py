@@ -19,8 +19,7 @@ Samples with several images (video clips) are probed on their FIRST image, with 
 turn whose prompt matches (the memory questions of data/video ask about the first frame).
 """
 
-import json
-import os
+import math
 import sys
 import time
 
@@ -29,7 +28,9 @@ import torch.nn.functional as F
 
 import casa
 import configurator
-from data.loader import load_image, resolve_dataset
+from data.loader import load_image, read_split, resolve_dataset
+from experiments.runs import AT_LEAST_0, AT_LEAST_1, check_settings
+from stream import load_model
 
 # -----------------------------------------------------------------------------
 dataset = "charts"
@@ -50,21 +51,22 @@ def load_question(folder, split, question, image_size):
     samples with their image, samples with several images (and turns) with their first image and the
     first matching turn's answer."""
     paths, answers = [], []
-    with open(os.path.join(folder, f"{split}.jsonl")) as f:
-        for r in map(json.loads, f):
-            turns = r.get("turns", [dict(prompt=r.get("prompt", ""), answer=r.get("answer"))])
-            match = next((t for t in turns if question in t["prompt"]), None)
-            if match is not None:
-                paths.append(r["images"][0] if "images" in r else r["image"])
-                answers.append(match["answer"])
+    for s in read_split(folder, split):  # checked: a bad line is a DataError naming its file, line and field
+        match = next((answer for prompt, answer in s.turns if question in prompt), None)
+        if match is not None and s.images:
+            paths.append(s.images[0])
+            answers.append(match)
     if not paths:
-        sys.exit(f"error: no sample of {folder}/{split}.jsonl has a prompt containing {question!r}")
-    images = torch.stack([load_image(os.path.join(folder, p), image_size) for p in paths])
+        sys.exit(f"error: no sample of {folder}/{split}.jsonl has an image and a prompt containing {question!r}")
+    images = torch.stack([load_image(p, image_size) for p in paths])
     return images, answers
 
 
 def main(argv=None):
     configurator.apply(globals(), argv)
+    check_settings(configurator.settings(globals()), steps=AT_LEAST_1, batch_size=AT_LEAST_1, image_size=AT_LEAST_1,
+                   seed=AT_LEAST_0, threads=AT_LEAST_1, learning_rate=(lambda lr: 0 < lr < math.inf, "more than 0"),
+                   question=(bool, "a piece of the prompts to probe"))
     torch.set_num_threads(threads)
     try:
         folder = resolve_dataset(dataset)
@@ -73,21 +75,27 @@ def main(argv=None):
     torch.manual_seed(seed)
     if ckpt:  # a trained encoder, frozen; the classifier reads all its tokens
         try:
-            model, _ = casa.load_checkpoint(ckpt)
-        except (OSError, ValueError) as e:
+            model, _ = load_model(ckpt, "cpu")
+        except (OSError, ValueError) as e:  # no such file, not a checkpoint, weights that do not fit
             sys.exit(f"error: {e}")
         encoder, config = model.vision.requires_grad_(False).eval(), model.config
         size = config.image_size
         features = lambda images: encoder(images).flatten(1)  # (M, N*C)
         n_features = config.n_image_tokens * config.n_embd
     else:  # a fresh encoder, trained with the classifier on its mean-pooled tokens
-        config = casa.Config(image_size=image_size, patch_size=patch_size)
+        try:
+            config = casa.Config(image_size=image_size, patch_size=patch_size)
+        except ValueError as e:  # a patch size that does not tile the image
+            sys.exit(f"error: --image_size/--patch_size: {e}")
         size = image_size
         encoder = casa.VLM(config).vision  # the VLM's initialisation
         features = lambda images: encoder(images).mean(1)  # (M, C)
         n_features = config.n_embd
-    x, answers = load_question(folder, "train", question, size)
-    xv, answers_v = load_question(folder, "val", question, size)
+    try:
+        x, answers = load_question(folder, "train", question, size)
+        xv, answers_v = load_question(folder, "val", question, size)
+    except (OSError, ValueError) as e:  # a bad line, a missing or unreadable image
+        sys.exit(f"error: {e}")
     classes = sorted(set(answers))
     y = torch.tensor([classes.index(a) for a in answers])
     yv = torch.tensor([classes.index(a) if a in classes else -1 for a in answers_v])

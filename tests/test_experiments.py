@@ -403,3 +403,17 @@ def test_seeds_are_parsed_or_refused_in_one_line():
     assert runs.parse_seeds("1,2,3") == [1, 2, 3] and runs.parse_seeds("7") == [7]
     with pytest.raises(SystemExit, match="--seeds='1,x'.*e.g. --seeds=1,2,3"):
         runs.parse_seeds("1,x")
+    for bad in ("1,-2", "2,2"):  # a negative seed; a repeated one would run twice into one folder at once
+        with pytest.raises(SystemExit, match=f"--seeds='{bad}': each seed once, 0 or more"):
+            runs.parse_seeds(bad)
+
+
+def test_names_and_settings_are_checked_in_one_line():
+    assert runs.parse_names("ca, insertion", "models", accuracy.MODELS) == ["ca", "insertion"]
+    for bad, message in (("ca,,blind", "give a comma list of names, each once"), ("ca,ca", "each once"),
+                         ("ca,banana", "--models: unknown 'banana'; choose from ca, ")):
+        with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+            runs.parse_names(bad, "models", accuracy.MODELS)
+    runs.check_settings({"jobs": 2}, jobs=runs.AT_LEAST_1)
+    with pytest.raises(SystemExit, match=r"^error: --jobs must be at least 1, got 0$"):
+        runs.check_settings({"jobs": 0}, jobs=runs.AT_LEAST_1)

@@ -35,6 +35,7 @@ def test_one_image_with_a_prompt(ckpt):
     path, img, model = ckpt
     r = run("sample.py", f"--ckpt={path}", f"--image={img}", "--prompt=what color?", "--max_new_tokens=6")
     assert "ca, step 7" in r.stdout
+    assert re.search(r", \d+ CPU thread\(s\) \(\d+ cores", r.stdout), r.stdout  # threads=0: casa.pick_threads
     lines = [line for line in r.stdout.splitlines() if line.startswith("[")]
     assert len(lines) == 1, r.stdout
     m = re.fullmatch(r"\[0\] '<img>what color\?' -> (.*)", lines[0])
@@ -49,7 +50,7 @@ def test_one_image_with_a_prompt(ckpt):
 
 def test_validation_samples_and_grid(ckpt, tmp_path):
     path, _, _ = ckpt
-    out = tmp_path / "grid.png"
+    out = tmp_path / "new" / "grid.png"  # a folder that does not exist yet: sample.py makes it
     r = run("sample.py", f"--ckpt={path}", "--num_samples=5", f"--grid={out}", "--max_new_tokens=4")
     assert "5 of 8 val answers" in r.stdout
     assert len(re.findall(r"^\[(ok |BAD)\] .*truth=.* pred=", r.stdout, re.M)) == 5, r.stdout

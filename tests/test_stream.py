@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"variant", "turn", "ttft_ms", "decode_tok_s", "cached_entries", "kv_bytes", "peak_bytes"}
 TINY = dict(n_layer=2, n_head=2, n_embd=32, image_tokens=16, gen_tokens=3, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
             warmup=1, device="cpu")
+CPU = ["--device=cpu", "--threads=1"]  # live captioning's settings here: tiny models, one thread
 FRAME_LINE = re.compile(r"^\s*\d+\.\d+s \| +\d+\.\d+s \| [+-]\d+\.\d+s \|")
 
 
@@ -164,7 +165,7 @@ def test_live_captioning_frames(tmp_path, capsys):
     tiny_checkpoint(ckpt)
     write_frames(tmp_path / "frames", 4)
     delays = stream.main(["--ckpt", str(ckpt), "--frames", str(tmp_path / "frames"), "--no_wait",
-                          "--max_new_tokens", "5", "--device", "cpu"])
+                          "--max_new_tokens", "5", *CPU])
     lines = [line for line in capsys.readouterr().out.splitlines() if FRAME_LINE.match(line)]
     assert len(lines) == 4 and len(delays) == 4
 
@@ -175,7 +176,7 @@ def test_live_captioning_real_time(tmp_path):
     tiny_checkpoint(ckpt)
     write_frames(tmp_path / "frames", 3)
     delays = stream.main(["--ckpt", str(ckpt), "--frames", str(tmp_path / "frames"), "--fps", "20",
-                          "--max_new_tokens", "2", "--device", "cpu"])
+                          "--max_new_tokens", "2", *CPU])
     assert len(delays) == 3 and min(delays) >= 0
 
 
@@ -191,7 +192,7 @@ def test_live_captioning_clip(tmp_path, capsys, saved):
     extra = {"args": {"dataset": str(data)}} if saved == "args" else \
         {"train_args": {"dataset": "video"}, "dataset_dir": str(data)}
     tiny_checkpoint(ckpt, **extra)
-    stream.main(["--ckpt", str(ckpt), "--clip", "0", "--no_wait", "--max_new_tokens", "3", "--device", "cpu"])
+    stream.main(["--ckpt", str(ckpt), "--clip", "0", "--no_wait", "--max_new_tokens", "3", *CPU])
     lines = [line for line in capsys.readouterr().out.splitlines() if FRAME_LINE.match(line)]
     assert len(lines) == 3 and "[ref: line 2]" in lines[2]
 
@@ -206,7 +207,7 @@ def test_live_captioning_single_image_lines(tmp_path, capsys):
     (data / "val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     ckpt = tmp_path / "ckpt.pt"
     tiny_checkpoint(ckpt, dataset_dir=str(data))
-    stream.main(["--ckpt", str(ckpt), "--clip", "0-1", "--no_wait", "--max_new_tokens", "4", "--device", "cpu"])
+    stream.main(["--ckpt", str(ckpt), "--clip", "0-1", "--no_wait", "--max_new_tokens", "4", *CPU])
     said = [line.split(" | ", 3)[3] for line in capsys.readouterr().out.splitlines() if FRAME_LINE.match(line)]
     assert len(said) == 2 and all(s.endswith("[ref: red]") for s in said), said
     model, _ = casa.load_checkpoint(str(ckpt))
@@ -233,7 +234,7 @@ def test_live_captioning_scores_several_clips(tmp_path, capsys):
 
     ckpt = tmp_path / "ckpt.pt"
     tiny_checkpoint(ckpt, dataset_dir=str(data))
-    args = ["--ckpt", str(ckpt), "--clip", "0-1", "--no_wait", "--max_new_tokens", "3", "--device", "cpu"]
+    args = ["--ckpt", str(ckpt), "--clip", "0-1", "--no_wait", "--max_new_tokens", "3", *CPU]
     write(["line a", "line b", "line c"])
     stream.main(args)
     said = [line.split(" | ", 3)[3].split("   [")[0] for line in capsys.readouterr().out.splitlines()
@@ -246,8 +247,8 @@ def test_live_captioning_scores_several_clips(tmp_path, capsys):
     n_right = sum(bool(s.strip()) for s in said[:3])
     assert n_right > 0, said
     assert f"all 2 clips: 6 frames;" in out and f"exactly right {n_right}/6" in out
-    with pytest.raises(IndexError, match="out of range"):
-        stream.main(["--ckpt", str(ckpt), "--clip", "0-5", "--no_wait", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="out of range"):
+        stream.main(["--ckpt", str(ckpt), "--clip", "0-5", "--no_wait", *CPU])
 
 
 def test_bench_bounded_cache_stays_flat():
@@ -316,11 +317,11 @@ def test_compare_side_by_side_clock_and_captions(tmp_path, capsys):
     data, names, clips, paths = two_clips_two_models(tmp_path)
     fps = 40.0
     results = live_compare.main([f"--ckpts={paths[0]},{paths[1]}", "--clip=0-1", f"--fps={fps}", "--max_new_tokens=4",
-                                 "--device=cpu", f"--json={tmp_path / 'c.json'}", f"--png={tmp_path / 'c.png'}"])
+                                 *CPU, f"--json={tmp_path / 'c.json'}", f"--png={tmp_path / 'c.png'}"])
     out = capsys.readouterr().out
     assert "exactly right 0/5" in out and len(json.loads((tmp_path / "c.json").read_text())["results"]) == 2
     # the strip shows the last clip (2 frames): one frame (96 px + 6) narrower than clip 0's (3 frames)
-    live_compare.main([f"--ckpts={paths[0]},{paths[1]}", "--clip=0", "--max_new_tokens=1", "--device=cpu",
+    live_compare.main([f"--ckpts={paths[0]},{paths[1]}", "--clip=0", "--max_new_tokens=1", *CPU,
                        f"--png={tmp_path / 'c0.png'}"])
     with Image.open(tmp_path / "c.png") as img, Image.open(tmp_path / "c0.png") as img0:
         assert img.size[0] == img0.size[0] - (96 + 6)
@@ -353,7 +354,7 @@ def test_compare_one_stream_carries_the_cache_across_clips(tmp_path, bound):
     and the last 6 text tokens; insertion keeps every frame, so it stays unbounded)."""
     data, names, clips, paths = two_clips_two_models(tmp_path)
     results = live_compare.main([f"--ckpts={paths[0]},{paths[1]}", "--clip=0-1", "--fps=40", "--one_stream",
-                                 "--max_new_tokens=4", "--device=cpu", *bound])
+                                 "--max_new_tokens=4", *CPU, *bound])
     tok = casa.get_tokenizer()
     stop = tok.encode(casa.ENDOFTEXT, allowed_special={casa.ENDOFTEXT})[0]
     for path in paths:
@@ -376,9 +377,9 @@ def test_compare_refuses_frames_and_missing_checkpoints(tmp_path):
     # it plays the dataset's validation clips: a folder of frames is live captioning's (stream.py)
     with pytest.raises(SystemExit, match="unknown setting --frames"):
         live_compare.main(["--ckpts=a.pt,b.pt", f"--frames={tmp_path}"])
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        live_compare.main([f"--ckpts={tmp_path / 'missing.pt'}", "--device=cpu"])
-    with pytest.raises(ValueError, match="give the checkpoints to compare"):
+    with pytest.raises(SystemExit, match="^error: checkpoint not found"):
+        live_compare.main([f"--ckpts={tmp_path / 'missing.pt'}", *CPU])
+    with pytest.raises(SystemExit, match="^error: give the checkpoints to compare"):
         live_compare.main([])
 
 
