@@ -84,6 +84,8 @@ BAD_SETTINGS = [  # (arguments, what the one-line error says); none of them may 
     (["--learning_rate=1e999"], "--learning_rate must be a finite number > 0, got inf"),
     (["--weight_decay=-0.1"], "--weight_decay must be >= 0, got -0.1"),
     (["--dropout=1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--variant=insertion", "--ca_every=2"], "ca_every (2) must be >= 1, and > 1 only for the CA variants"),
+    (["--variant=ca", "--compress_queries=4"], "compress_queries (4) must be >= 0, and > 0 only for insertion"),
     (["--beta2=1.0"], "--beta2 must be in [0, 1), got 1.0"),
     (["--seed=-1"], "--seed must be in [0, "),
     (["--threads=-1"], "--threads must be in [0, 1024], got -1"),

@@ -220,10 +220,8 @@ def test_image_decoder_puts_each_token_in_its_patch():
     assert out.shape == (2, 3, 16, 16) and torch.equal(out, want)
 
 
-def test_table5_models_train_and_say_so(data, tmp_path):
-    """The Table 5 settings reach the model: CA in every 2nd block, compressed insertion (Q = 2)."""
-    out = train(data, tmp_path / "every2", "--variant=ca_tv", "--ca_every=2", "--max_iters=2", "--num_show=0").stdout
-    config = load(tmp_path / "every2" / "ckpt.pt")["config"]
-    assert config["ca_every"] == 2 and "CA in one block of every 2" in out
+def test_table5_settings_reach_the_model(data, tmp_path):
+    """The Table 5 settings reach the model (compressed insertion, Q = 2; --ca_every goes the same way,
+    and both models are checked against the naive reference in test_model.py)."""
     out = train(data, tmp_path / "q2", "--variant=insertion", "--compress_queries=2", "--max_iters=2", "--num_show=0").stdout
     assert load(tmp_path / "q2" / "ckpt.pt")["config"]["compress_queries"] == 2 and "2 tokens enter the text" in out
