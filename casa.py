@@ -1007,7 +1007,8 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # not a torch file at all (text, empty, truncated, foreign pickle)
-        raise ValueError(f"{path} is not a casa checkpoint (torch.load failed: {type(e).__name__}: {e})") from None
+        raise ValueError(f"{path} is not a casa checkpoint: torch.load (weights_only=True) cannot read it "
+                         f"({type(e).__name__})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
         raise ValueError(f"{path} is not a casa checkpoint (expected keys 'model' and 'config')")
     for k, most in CHECKPOINT_LIMITS.items():

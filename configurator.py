@@ -83,7 +83,8 @@ def value_of(key, text, default):
         value = float(value)
     want = bool if default is None else type(default)
     if type(value) is not want:
-        sys.exit(f"error: --{key} takes a {want.__name__} (default {default!r}), got {text!r}")
+        kind = {"int": "an integer", "float": "a number", "bool": "True or False"}.get(want.__name__, want.__name__)
+        sys.exit(f"error: --{key} takes {kind} (default {default!r}), got {text!r}")
     return value
 
 

@@ -47,10 +47,10 @@ def test_unknown_setting_names_it_a_close_match_and_the_list():
 
 
 def test_bad_values_and_bad_arguments():
-    assert "--n_layer takes a int (default 4), got 'two'" in error("--n_layer=two")
-    assert "--n_layer takes a int" in error("--n_layer=2.5")
-    assert "--learning_rate takes a float" in error("--learning_rate=fast")
-    assert "--resume takes a bool" in error("--resume=1")
+    assert "--n_layer takes an integer (default 4), got 'two'" in error("--n_layer=two")
+    assert "--n_layer takes an integer" in error("--n_layer=2.5")
+    assert "--learning_rate takes a number" in error("--learning_rate=fast")
+    assert "--resume takes True or False" in error("--resume=1")
     assert "--name=value" in error("n_layer=2")  # not a --setting at all
 
 
