@@ -57,8 +57,8 @@ def parse(argv, defaults, doc=""):
         key, eq, text = arg[2:].partition("=")
         if key not in defaults:
             close = difflib.get_close_matches(key, defaults, n=1)
-            sys.exit(f"error: unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
-                     + f"\nsettings: {', '.join(defaults)}")
+            hint = f" (did you mean --{close[0]}?)" if close else f"; settings: {', '.join(defaults)}"
+            sys.exit(f"error: unknown setting --{key}{hint}; --help lists them with their defaults")
         default = defaults[key]
         is_bool = default is None or isinstance(default, bool)
         if not eq and is_bool:  # a bare --flag
