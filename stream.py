@@ -38,7 +38,7 @@ import torch
 
 import casa
 import configurator
-from data.loader import load_image, read_split
+from data.loader import load_image, read_lines, read_split
 
 # -----------------------------------------------------------------------------
 # settings; each can be set as --name=value or --name value, a boolean as a bare --name
@@ -189,8 +189,7 @@ def read_clips(data, ckpt):
     as training checks them: a bad one is a ValueError naming its file, line and field."""
     folder = find_dataset(data, ckpt)
     samples = read_split(folder, "val")
-    with open(os.path.join(folder, "val.jsonl"), encoding="utf-8-sig") as f:  # the lines read_split checked
-        rates = [json_lib.loads(line).get("fps", 2.0) for line in f if line.strip()]
+    rates = [json_lib.loads(line).get("fps", 2.0) for _, line in read_lines(os.path.join(folder, "val.jsonl"))]
     for sample, rate in zip(samples, rates):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1 / MAX_FPS <= rate <= MAX_FPS:
             raise ValueError(f"{sample.where}: 'fps' must be a number from {1 / MAX_FPS:g} to {MAX_FPS:g}, "
