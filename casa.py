@@ -182,6 +182,7 @@ class VisionEncoder(nn.Module):
         for c_in, c_out in zip([3] + widths, widths):
             layers += [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.GELU(), nn.MaxPool2d(2)]
         self.stem = nn.Sequential(*layers)  # (M, 3, S, S) -> (M, vd, grid, grid)
+        self.ln_stem = RMSNorm(vd) if config.stem_norm else nn.Identity()
         self.row_emb = nn.Parameter(torch.zeros(grid, 1, vd))
         self.col_emb = nn.Parameter(torch.zeros(1, grid, vd))
         self.blocks = nn.ModuleList(VisionBlock(vd, config.n_vis_head) for _ in range(config.n_vis_layer))
@@ -190,7 +191,7 @@ class VisionEncoder(nn.Module):
         self.ln_out = RMSNorm(config.n_embd)
 
     def forward(self, images):  # (M, 3, H, W) in [0, 1]
-        x = self.stem(images * 2 - 1).permute(0, 2, 3, 1)  # (M, grid, grid, vd)
+        x = self.ln_stem(self.stem(images * 2 - 1).permute(0, 2, 3, 1))  # (M, grid, grid, vd), each token at RMS 1
         x = x + self.row_emb + self.col_emb
         x = x.flatten(1, 2)  # (M, N, vd), patches row by row
         for block in self.blocks:
@@ -255,6 +256,11 @@ class Config:
     n_vis_layer: int = 2
     n_vis_head: int = 4
     n_vis_embd: int = 128
+    # RMS-normalise each token of the conv stem's output before the position embeddings: without it
+    # every conv-pool stage shrinks the image's signal about 3x at init, and after four stages (16 px
+    # patches) it is ~0.01 beside position embeddings that grow to ~0.1 (shapes a few pixels wide
+    # were then never learned; docs/recipe.md). False: the models trained before it existed
+    stem_norm: bool = True
     # initialisation of the text side (embeddings, attention, MLPs, fusion): weights ~ N(0, init_std^2),
     # residual projections scaled down by sqrt(2 n_layer); 0: 1/sqrt(n_embd) (GPT-2 uses 0.02)
     init_std: float = 0.0
@@ -449,16 +455,18 @@ class Cache:
         Without it a store doubles when full, and the call that grows it stalls while it copies.
     sink_tokens, recent_tokens: a bounded self-attention cache for endless streams, as StreamingLLM
         (Xiao et al. 2023, "attention sinks"): after each call only the first sink_tokens and the
-        last recent_tokens text tokens of each row stay; the middle is evicted. Positions go on
-        counting. With one image in its CA store, a CA variant's whole cache then stays constant.
-        Insertion (image tokens live in the same cache) and ca_all (keeps every image) cannot be
-        bounded this way without dropping frames."""
+        last recent_tokens tokens of each row stay; the middle is evicted. Positions go on counting.
+        With one image in its CA store, a CA variant's whole cache then stays constant and only old
+        text is lost. Insertion's image tokens live in the same cache, so its window slides over
+        frames and text alike: the cache stays constant too, but old frames are dropped (the
+        window is all it remembers). ca_all keeps every image in its CA store, which this does not bound."""
 
     def __init__(self, config, batch_size, device, capacity=None, sink_tokens=0, recent_tokens=None):
-        if recent_tokens is not None and config.keeps_every_frame:
-            raise ValueError(f"variant {config.variant!r} keeps every frame's image tokens in its cache; "
-                             "recent_tokens bounds only the text, so it needs a variant with one image in its "
-                             "CA layers (ca, ca_shared, ca_tv, ca_replace, ca_ffn)")
+        if recent_tokens is not None and config.ca_all_images and not config.insert_images:
+            raise ValueError(f"variant {config.variant!r} keeps every frame's image tokens in its CA layers; "
+                             "recent_tokens bounds the self-attention cache only: pick insertion (its window "
+                             "drops old frames) or a variant with one image in its CA layers (ca, ca_shared, "
+                             "ca_tv, ca_replace, ca_ffn)")
         if sink_tokens < 0 or (recent_tokens is not None and recent_tokens < 1):
             raise ValueError(f"sink_tokens must be >= 0 and recent_tokens >= 1 (or None: unbounded); got "
                              f"{sink_tokens} and {recent_tokens}")
@@ -997,6 +1005,12 @@ CHECKPOINT_LIMITS = dict(block_size=1 << 20, vocab_size=1 << 20, n_layer=1024, n
                          ca_every=1024, compress_queries=1 << 14)
 
 
+def checkpoint_config(saved):
+    """A checkpoint's config as Config's keywords: settings added since it was saved take the value
+    that reproduces the model it was saved from (not today's default)."""
+    return {"stem_norm": False, **saved}
+
+
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model a checkpoint was saved from. Returns (model, checkpoint dict).
     Loads with weights_only=True: a checkpoint holds tensors and plain Python values only. Its config
@@ -1018,7 +1032,7 @@ def load_checkpoint(path, device="cpu"):
             raise ValueError(f"{path}: its config has {k}={v!r}, not a size from {least} to {most}: a damaged or "
                              "foreign checkpoint")
     try:
-        config = Config(**ckpt["config"])
+        config = Config(**checkpoint_config(ckpt["config"]))
     except TypeError as e:
         raise ValueError(f"{path} was saved with a config this casa.py does not know: {e}") from None
     except ValueError as e:  # sizes that do not fit together, an unknown variant
@@ -1059,13 +1073,14 @@ def kv_formula(config):
 def kv_cache_entries(config, turns, text_tokens, image_tokens=None, sink_tokens=0, recent_tokens=None):
     """Analytic cached entries per layer of each kind after `turns` turns, each turn one image of
     N tokens (default: config.tokens_per_image, Q with compressed insertion) and T text tokens (its <|image|> marker included).
-    With recent_tokens (a bounded cache, see Cache) self-attention keeps at most sink + recent."""
+    With recent_tokens (a bounded cache, see Cache) self-attention keeps at most sink + recent
+    (insertion's image tokens included)."""
     k, T = turns, text_tokens
     N = config.tokens_per_image if image_tokens is None else image_tokens
     has_ca = config.layer_counts()[1] > 0
-    text = k * T if recent_tokens is None else min(k * T, sink_tokens + recent_tokens)
+    sa = k * (T + N) if config.insert_images else k * T  # the text, and insertion's image tokens
     return {
-        "self_attn": text + (k * N if config.insert_images else 0),
+        "self_attn": sa if recent_tokens is None else min(sa, sink_tokens + recent_tokens),
         # only the current window's image; with D5 every image so far
         "cross_attn_image": (k * N if config.ca_all_images else N) if k > 0 and has_ca else 0,
         "cross_attn_text": T if k > 0 and config.ca_text_keys else 0,  # only the current window's text

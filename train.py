@@ -69,6 +69,7 @@ patch_size = 0  # 0: the power of 2 nearest below image_size // 4 (16 image toke
 n_vis_layer = 2
 n_vis_head = 4
 n_vis_embd = 128
+stem_norm = True  # RMS-normalise the vision stem's output (False: the encoder of the tables before it)
 dropout = 0.0
 init_std = 0.0  # the text side's initial weights' std; 0: 1/sqrt(n_embd) (GPT-2's 0.02 learns question logic slower)
 ca_every = 1  # CA layers in every n-th block only (blocks 0, n, 2n, ...; the paper's Table 5a); CA variants
@@ -107,7 +108,7 @@ threads = 0  # CPU threads; 0: $OMP_NUM_THREADS if set, else the idle cores (cas
 # -----------------------------------------------------------------------------
 SETTINGS = list(configurator.settings(globals()))
 MODEL_KEYS = ["variant", "n_layer", "n_head", "n_embd", "block_size", "image_size", "patch_size",
-              "n_vis_layer", "n_vis_head", "n_vis_embd", "dropout", "init_std", "ca_every", "compress_queries"]
+              "n_vis_layer", "n_vis_head", "n_vis_embd", "stem_norm", "dropout", "init_std", "ca_every", "compress_queries"]
 RANGES = {  # of every number setting, checked in one place (below); [ ] includes the bound, ( ) does not
     "n_layer n_head n_vis_layer n_vis_head": "[1, 1024]",
     "n_embd n_vis_embd": "[1, 65536]",
@@ -202,10 +203,11 @@ if asked["resume"]:
     saved = {k: v for k, v in ckpt["train_args"].items()
              if k in SETTINGS and k not in ("resume", "overwrite", "out_dir", "device", "compile", "threads")}
     saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
+    saved.setdefault("stem_norm", False)  # and had no stem norm
     pretrained = set(ckpt.get("pretrained", []))
 elif asked["init_from"]:
     _, src = read_checkpoint(asked["init_from"], "--init_from")
-    sizes = src["config"]
+    sizes = casa.checkpoint_config(src["config"])
     clash = [f"{k}={sizes.get(k)!r} (asked {v!r})" for k, v in cli.items()
              if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout", "init_std", "ca_every", "compress_queries")
              and sizes.get(k) != v]

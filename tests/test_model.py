@@ -239,7 +239,8 @@ def reference_forward(model, idx, images, records=None, sa_visible=None):
     The image tokens come from model.vision (the encoder itself is not what is tested here).
     records: if a dict, records[layer] collects per-query image-attention shares (H,) for the
     layers with a mixed softmax (ca_tv CA layers, insertion SA layers).
-    sa_visible(t): the text keys text query t sees in self-attention (CA variants; default causal)."""
+    sa_visible(t): the keys query t sees in self-attention (default causal): text keys for the CA
+    variants, stream keys (text and image tokens) for insertion."""
     cfg = model.config
     H, theta, N = cfg.n_head, cfg.rope_theta, cfg.tokens_per_image
     img_tokens = model.vision(images) if images is not None else None
@@ -265,7 +266,7 @@ def reference_forward(model, idx, images, records=None, sa_visible=None):
             pos = list(range(x.size(0)))
             for li, block in enumerate(model.blocks):
                 rec = records.setdefault(li, []) if records is not None else None
-                y, _ = ref_self_attention(x, block.ln_sa.weight, block.sa, H, theta, pos, is_image, rec)
+                y, _ = ref_self_attention(x, block.ln_sa.weight, block.sa, H, theta, pos, is_image, rec, sa_visible)
                 x = x + ref_merge(y, block.sa.o)
                 x = x + ref_mlp(ref_rms(x, block.ln_mlp.weight), block.mlp)
             x = x[text_slot]
@@ -360,12 +361,43 @@ def test_bounded_cache_equals_full_forward_with_its_mask(variant):
     assert cache.entries()["self_attn"] == 2 * (S + W)
 
 
-@pytest.mark.parametrize("variant", ["ca", "ca_tv", "ca_replace"])
+@pytest.mark.parametrize("settings", [{}, {"compress_queries": 2}], ids=["insertion", "compressed"])
+def test_insertion_window_equals_full_forward_with_its_mask(settings):
+    """Insertion's bounded cache slides over frames and text alike (old frames are dropped): it equals
+    a full forward whose self-attention mask spells the eviction out in stream indices: query t of
+    the call starting at stream index a sees j < S, a - W <= j < a, and a <= j <= t."""
+    model = make_model("insertion", dtype=torch.float64, **settings)
+    idx, images = two_row_batch(dtype=torch.float64)
+    idx, images = idx[:1], images[:3]  # row 0: markers at 3, 8, 12, so its three images
+    N, (S, W) = model.config.tokens_per_image, (2, 5)  # a window shorter than one image
+    width = [1 + N * (t == IMAGE_ID) for t in idx[0].tolist()]  # stream slots each text token opens
+    stream_start = [sum(width[:a]) for a in range(len(width) + 1)]
+    bounds = CHUNKINGS["uneven_chunks"]
+    with torch.no_grad():
+        cache = model.new_cache(1, sink_tokens=S, recent_tokens=W)
+        got = torch.cat([model(idx[:, a:b], images_for(idx, images, a, b), cache=cache)[0]
+                         for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+
+        def visible(t):  # t, j: stream indices
+            a = max(stream_start[x] for x in bounds if stream_start[x] <= t)
+            return [j for j in range(t + 1) if j < S or j >= a - W]
+
+        want = reference_forward(model, idx, images, sa_visible=visible)
+        plain = reference_forward(model, idx, images)
+    torch.testing.assert_close(got, want, **REF_TOL)
+    assert (want - plain).abs().max() > 1e-3  # the eviction really changed the answer
+    assert cache.entries()["self_attn"] == S + W
+
+
+@pytest.mark.parametrize("variant", ["ca", "ca_tv", "ca_replace", "insertion"])
 def test_bounded_cache_size_follows_the_formula(variant):
-    """Turn by turn, a bounded cache holds min(kT, S + W) text entries a layer (then stays flat), as
-    kv_cache_entries / kv_cache_bytes say; the unbounded formula is the same with recent_tokens=None."""
+    """Turn by turn, a bounded cache holds min(k (T [+ N]), S + W) entries a self-attention layer
+    (then stays flat; insertion's image tokens count too), as kv_cache_entries / kv_cache_bytes say;
+    the unbounded formula is the same with recent_tokens=None."""
     model = make_model(variant)
-    T, S, W = 6, 3, 10
+    T = 6
+    per_turn = T + (model.config.n_image_tokens if model.config.insert_images else 0)
+    S, W = 3, int(2.5 * per_turn) - 3  # full after 2.5 turns
     g = torch.Generator().manual_seed(4)
     cache = model.new_cache(1, sink_tokens=S, recent_tokens=W)
     sizes = []
@@ -373,16 +405,15 @@ def test_bounded_cache_size_follows_the_formula(variant):
         for k in range(1, 6):
             model(torch.tensor([[IMAGE_ID] + rand_text(T - 1, g)]), torch.rand(1, 3, 16, 16, generator=g), cache=cache)
             want = casa.kv_cache_entries(model.config, k, T, sink_tokens=S, recent_tokens=W)
-            assert cache.entries() == want and want["self_attn"] == min(k * T, S + W)
+            assert cache.entries() == want and want["self_attn"] == min(k * per_turn, S + W)
             assert cache.nbytes() == casa.kv_cache_bytes(model.config, k, T, sink_tokens=S, recent_tokens=W)
             sizes.append(cache.nbytes())
     assert sizes[1] < sizes[2] == sizes[3] == sizes[4]  # flat from turn (S + W) / T on
 
 
-@pytest.mark.parametrize("variant", ["insertion", "ca_all"])
-def test_bounded_cache_refuses_variants_that_keep_every_frame(variant):
-    with pytest.raises(ValueError, match="keeps every frame's image tokens"):
-        make_model(variant).new_cache(1, **BOUNDED)
+def test_bounded_cache_refuses_ca_all():
+    with pytest.raises(ValueError, match="keeps every frame's image tokens in its CA layers"):
+        make_model("ca_all").new_cache(1, **BOUNDED)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -774,6 +805,37 @@ def test_cache_for_another_batch_size_raises():
         model(torch.tensor([[1, 2, 3]]), cache=cache)
     with pytest.raises(ValueError, match=r"cache was made for batch size 2, idx has 3 rows"):
         model.generate(torch.zeros(3, 2, dtype=torch.long), max_new_tokens=1, cache=cache)
+
+
+def test_stem_norm_puts_every_image_token_at_rms_one_before_the_position_embeddings():
+    """The stem's output per token at RMS 1 (its learned scale starts at 1): without it the signal of
+    a 16 px patch leaves four conv-pool stages about 100x smaller than it came in."""
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 64, 64)
+    for stem_norm in (True, False):
+        enc = casa.VisionEncoder(casa.Config(image_size=64, patch_size=16, stem_norm=stem_norm))
+        x = enc.ln_stem(enc.stem(images * 2 - 1).permute(0, 2, 3, 1))  # what forward adds the positions to
+        rms = x.pow(2).mean(-1).sqrt()  # (M, grid, grid)
+        if stem_norm:
+            torch.testing.assert_close(rms, torch.ones_like(rms), atol=0.02, rtol=0)  # eps 1e-6 against ~1e-4
+        else:
+            assert rms.max() < 0.1
+
+
+def test_a_checkpoint_from_before_the_stem_norm_loads_as_it_was_trained(tmp_path):
+    """A config saved without stem_norm (checkpoints made before it existed) rebuilds the encoder it
+    was trained with, not today's default, and gives the same logits."""
+    model = make_model("ca", stem_norm=False)
+    path = tmp_path / "old.pt"
+    casa.save_checkpoint(path, model)
+    ck = torch.load(path, weights_only=True)
+    del ck["config"]["stem_norm"]
+    torch.save(ck, path)
+    loaded, _ = casa.load_checkpoint(str(path))
+    assert loaded.config.stem_norm is False and casa.Config().stem_norm is True
+    idx, images = two_row_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(idx, images)[0], model(idx, images)[0], atol=0, rtol=0)
 
 
 def test_checkpoints_and_state_dicts(tmp_path):
