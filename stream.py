@@ -16,7 +16,8 @@ KV cache; and measure why cross-attention stays flat where token insertion grows
       bytes, peak memory; the measured cache is checked against casa.kv_cache_bytes/kv_cache_entries.
       Caches are reserved for the whole session (no turn stalls on a copy; --grow to see the stalls),
       and a text-only row (ca's model, no image) shows how much growth the text cache alone causes.
-      --recent_tokens=W [--sink_tokens=S] bounds the text cache (StreamingLLM) for endless streams.
+      --recent_tokens=W [--sink_tokens=S] bounds the self-attention cache (StreamingLLM) for endless
+      streams: CA variants then forget old text only, insertion old frames too.
       Prints a table (TTFT median / p99 / max, and its growth: the last 10% of turns over the first
       10%) and writes the per-turn records to --json, which
       python -m experiments.efficiency --stream_json=PATH --png=OUT draws.
@@ -68,7 +69,7 @@ text_only = True  # add the reference row: ca's model fed the same turns with no
 grow = False  # let the caches double when full instead of reserving the session's size (shows the stalls;
 # always so with max_memory)
 sink_tokens = 0  # with recent_tokens: the first tokens every bounded cache keeps (StreamingLLM's sinks)
-recent_tokens = 0  # > 0: bound the text cache to sink_tokens + recent_tokens (variants with one image only)
+recent_tokens = 0  # > 0: bound the self-attention cache to sink_tokens + recent_tokens (insertion: frames too)
 # a wide, shallow backbone: at batch 1 every step reads the weights and the whole KV cache, and CA's
 # text cache after k turns, kT entries of 2*n_embd floats per layer, is kT/(8*n_embd) of the weights
 # (~16*n_embd^2 per layer). A wide n_embd keeps that share small, so what the table shows is the
@@ -347,23 +348,22 @@ def held_bytes(model, cache):
 
 
 class Session:
-    """One variant with random weights streaming into its own cache, one turn at a time."""
+    """One model (config) with random weights streaming into its own cache, one turn at a time;
+    `bound`: the cache's sink_tokens and recent_tokens (see casa.Cache). `variant` names the row."""
 
-    def __init__(self, s, variant, dev, frames, grow):
+    def __init__(self, s, variant, config, bound, dev, frames, grow):
         torch.manual_seed(s.seed)
-        self.variant, self.device = variant, dev
+        self.variant, self.device, self.config, self.bound = variant, dev, config, bound
         # the text-only reference: ca's model (same weights) fed the same turns, a plain byte in place
         # of the <|image|> marker and no frame, so every turn adds the same T text tokens
         self.text_only = variant == TEXT_ONLY
-        self.config = bench_config(s, "ca" if self.text_only else variant)
         self.model = casa.VLM(self.config).to(dev).eval()
         self.frames = [None] if self.text_only else frames
-        self.N = 0 if self.text_only else self.config.n_image_tokens
+        self.N = 0 if self.text_only else self.config.tokens_per_image
         marker = "\n" if self.text_only else casa.IMAGE
         self.prompt = torch.tensor([casa.encode_turn(casa.get_tokenizer(), marker)[0]], device=dev)
         self.m = s.gen_tokens
         self.T = self.prompt.size(1) + self.m  # text tokens a turn leaves in the cache: marker, <|answer|>, m generated
-        self.bound = dict(sink_tokens=s.sink_tokens, recent_tokens=s.recent_tokens or None)
         # reserve the whole session's cache up front (no call ever grows a store, so none stalls),
         # sized by the same formula the benchmark checks the cache against; under --max_memory the
         # caches grow instead, so that memory is spent only as the stream goes on
@@ -400,7 +400,7 @@ class Session:
                                  f"bytes {nbytes} (formula {want_bytes})")
             if len(self.failures) <= 3:
                 log(f"FAIL: {self.failures[-1]}")
-        self.records.append(dict(variant=self.variant, turn=k, ttft_ms=1000 * ttft,
+        self.records.append(dict(variant=self.variant, turn=k, ttft_ms=1000 * ttft, turn_s=seconds,
                                  decode_tok_s=self.m / (seconds - ttft),  # the m one-token forwards after the first
                                  cached_entries=sum(entries.values()), kv_bytes=nbytes, peak_bytes=peak))
         self.last_peak = peak
@@ -426,12 +426,12 @@ def benchmark(log=print, **settings):
     for v in names:
         if v not in casa.VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {', '.join(casa.VARIANTS)}")
-    if s.recent_tokens:  # a bounded cache needs one image in the CA layers: the others are shown by formula
-        keeps_frames = [v for v in names if casa.Config(variant=v).keeps_every_frame]
-        names = [v for v in names if v not in keeps_frames]
+    if s.recent_tokens:  # a window over self-attention does not bound a CA store that keeps every image
+        unbounded = [v for v in names if casa.Config(variant=v).ca_all_images and not casa.Config(variant=v).insert_images]
+        names = [v for v in names if v not in unbounded]
         if not names:
-            raise ValueError("--recent_tokens bounds the text cache of variants with one image in their CA layers; "
-                             f"{', '.join(keeps_frames)} keep every frame: pick e.g. --variants=ca")
+            raise ValueError(f"--recent_tokens bounds the self-attention cache; {', '.join(unbounded)} keep every "
+                             "frame in their CA layers: pick e.g. --variants=ca,insertion")
     if s.text_only:
         names.append(TEXT_ONLY)
     c = bench_config(s, names[0] if names[0] != TEXT_ONLY else "ca")
@@ -453,7 +453,9 @@ def benchmark(log=print, **settings):
     log(f"cached entries = sum over layer kinds of entries per layer (self-attn + CA image + CA window text); "
         f"peak = {peak_kind}")
     t_start = time.perf_counter()
-    sessions = [Session(s, v, dev, images, grow=s.grow or budget) for v in names]
+    bound = dict(sink_tokens=s.sink_tokens, recent_tokens=s.recent_tokens or None)
+    sessions = [Session(s, v, bench_config(s, "ca" if v == TEXT_ONLY else v), bound, dev, images, grow=s.grow or budget)
+                for v in names]
     for k in range(s.turns):
         for x in sessions:
             if x.stopped is None and not x.fits(k, budget):
@@ -466,9 +468,10 @@ def benchmark(log=print, **settings):
     log(f"total {time.perf_counter() - t_start:.1f}s")
     records = [r for x in sessions for r in x.records]
     log(summary_table(sessions, budget))
-    if s.recent_tokens:  # what insertion would hold for the same stream (it cannot be bounded)
+    if s.recent_tokens:  # what insertion's full cache would hold for the same stream (its window drops frames)
         kv = casa.kv_cache_bytes(bench_config(s, "insertion"), s.turns, T, bytes_per_value=sessions[0].elem)
-        log(f"insertion on the same stream (casa.kv_cache_bytes, unbounded): {format_bytes(kv)} after {s.turns} turns")
+        log(f"insertion on the same stream, every frame kept (casa.kv_cache_bytes): {format_bytes(kv)} after "
+            f"{s.turns} turns")
     failures = [f for x in sessions for f in x.failures]
     n = len(records)
     log(f"formula check (cache.entries() == kv_cache_entries, cache.nbytes() == kv_cache_bytes): "

@@ -59,11 +59,11 @@ def grid_of(panels, cols):
 
 
 def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (one frame each)", line_key="variant",
-                y_top=None):
+                y_top=None, colors=None):
     """Side-by-side panels, one per (record key, axis label, scale); x_key on x, one line per
     value of line_key; saved to path (if given) and returned. The y axis stops a little above the 99th percentile (points above it are
     drawn at the top, and counted in the label), so rare spikes do not flatten everything else;
-    y_top fixes it instead (1 for accuracies)."""
+    y_top fixes it instead (1 for accuracies). colors: {line name: RGB} (default: COLORS)."""
     small, big = font(14), font(18)
     W, H, pad_l, pad_r, pad_t, pad_b = 700 * len(panels), 560, 90, 30, 70, 70
     img = Image.new("RGB", (W, H), "white")
@@ -95,7 +95,7 @@ def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (on
         d.text(((x0 + x1) // 2, y1 + 32), x_label, fill="black", font=small, anchor="mt")
         d.text((x0, y0 - 10), label, fill="black", font=big, anchor="ls")
         for name in lines:
-            color = COLORS.get(name, (0, 0, 0))
+            color = (colors or COLORS).get(name, (0, 0, 0))
             pts = [(X(r[x_key]), Y(r[key] * scale)) for r in records if r[line_key] == name]
             if len(pts) > 1:
                 d.line(pts, fill=color, width=2)
@@ -104,7 +104,7 @@ def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (on
         if p == 0:  # legend, top left of the first panel
             for i, name in enumerate(lines):
                 ly = y0 + 14 + 20 * i
-                d.line([(x0 + 12, ly), (x0 + 40, ly)], fill=COLORS.get(name, (0, 0, 0)), width=3)
+                d.line([(x0 + 12, ly), (x0 + 40, ly)], fill=(colors or COLORS).get(name, (0, 0, 0)), width=3)
                 d.text((x0 + 46, ly), name, fill="black", font=small, anchor="lm")
     if path:
         img.save(path)

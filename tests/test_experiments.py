@@ -417,3 +417,44 @@ def test_names_and_settings_are_checked_in_one_line():
     runs.check_settings({"jobs": 2}, jobs=runs.AT_LEAST_1)
     with pytest.raises(SystemExit, match=r"^error: --jobs must be at least 1, got 0$"):
         runs.check_settings({"jobs": 0}, jobs=runs.AT_LEAST_1)
+
+
+def test_stream_policies_delay_is_a_queue_behind_real_time():
+    """Frame k arrives at k/fps; a turn starts when its frame is in and the last turn is done."""
+    from experiments import stream_policies
+
+    got = stream_policies.delays([0.3, 0.3, 0.05, 0.01], fps=10)  # arrivals 0, 0.1, 0.2, 0.3
+    assert got == pytest.approx([0.3, 0.5, 0.45, 0.36])  # done at 0.3, 0.6, 0.65, 0.66
+
+
+def test_stream_policies_table_and_trained_accuracy(tmp_path, monkeypatch):
+    """Six policies on one tiny stream: the windows keep what kv_cache_entries says (the benchmark
+    checks every turn against the formula), and the trained-model columns come from streaming each
+    policy's checkpoint; an insertion window longer than every clip scores as the full cache."""
+    from experiments import stream_policies
+
+    monkeypatch.setattr(runs, "ROOT", str(tmp_path))  # its table goes to tmp_path/runs/results
+    tiny_video_checkpoint(tmp_path)
+    small = dict(n_layer=1, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32, image_size=16, patch_size=8,
+                 block_size=512)
+    for name, extra in (("insertion", {}), ("compressed", dict(compress_queries=2))):
+        torch.manual_seed(0)
+        model = casa.VLM(casa.Config(variant="insertion", **small, **extra))
+        casa.save_checkpoint(tmp_path / f"{name}.pt", model, dataset_dir=str(tmp_path / "video"))
+    common = ["--turns=12", "--n_layer=1", "--n_head=2", "--n_embd=32", "--image_tokens=4", "--gen_tokens=2",
+              "--warmup=0", "--device=cpu", f"--png={tmp_path / 'p.png'}", "--text_window=8", "--window_frames=2",
+              f"--ckpt_insertion={tmp_path / 'insertion.pt'}", f"--ckpt_compressed={tmp_path / 'compressed.pt'}",
+              f"--ckpt_ca={tmp_path / 'ckpt.pt'}"]
+    data = stream_policies.main(common)
+    assert len(data) == 6 and os.path.exists(tmp_path / "p.png")
+    keeps = {name: sum(d["keeps"].values()) for name, d in data.items()}
+    T, N = 4, 4  # <|image|> <|answer|> + 2 generated; 2 x 2 patches
+    assert keeps["insertion"] == 12 * (T + N) and keeps["insertion, Q = 1"] == 12 * (T + 1)
+    assert keeps["insertion, window 16"] == 2 * (N + T) and keeps["ca, text window 8"] == 8 + N
+    assert keeps["ca, 4 sinks + window 8"] == 12 + N and keeps["ca"] == 12 * T + N
+    for d in data.values():
+        assert set(d["accuracy"]) == {"comment", "memory: color", "memory: shape"}
+    long_window = stream_policies.main([*common, "--window_frames=1000", "--png="])
+    assert long_window["insertion, window 8000"]["accuracy"] == long_window["insertion"]["accuracy"]
+    with pytest.raises(SystemExit, match="error: --ckpt_compressed=.* is a ca model: give a compressed one"):
+        stream_policies.main([*common[:-2], f"--ckpt_compressed={tmp_path / 'ckpt.pt'}"])

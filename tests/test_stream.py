@@ -253,13 +253,16 @@ def test_live_captioning_scores_several_clips(tmp_path, capsys):
 
 def test_bench_bounded_cache_stays_flat():
     """--recent_tokens: every turn still matches the (bounded) formula, and the cache stops growing
-    once sink + recent text tokens are in; insertion is left out and its unbounded size printed."""
+    once sink + recent tokens are in (insertion's window holds frames too: flat from its second turn
+    here); ca_all is left out, and insertion's full size is printed beside."""
     lines = []
-    settings = dict(TINY, turns=8, variants="ca,ca_tv,insertion", sink_tokens=4, recent_tokens=20)
+    settings = dict(TINY, turns=8, variants="ca,ca_tv,insertion,ca_all", sink_tokens=4, recent_tokens=20)
     recs = stream.benchmark(log=lines.append, **settings)
     args = tiny(**settings)
-    assert {r["variant"] for r in recs} == {"ca", "ca_tv", stream.TEXT_ONLY}
+    assert {r["variant"] for r in recs} == {"ca", "ca_tv", "insertion", stream.TEXT_ONLY}
     T = 2 + args.gen_tokens
+    inserted = [r["cached_entries"] for r in recs if r["variant"] == "insertion"]
+    assert inserted == [min(k * (16 + T), 4 + 20) for k in range(1, 9)]  # N + T = 21 a turn: full in the 2nd
     for v in ("ca", "ca_tv"):
         entries = [r["cached_entries"] for r in recs if r["variant"] == v]
         config = stream.bench_config(args, v)
@@ -267,8 +270,8 @@ def test_bench_bounded_cache_stays_flat():
                            for k in range(1, 9)]
         assert entries[3] < entries[4] == entries[-1]  # 5 text tokens a turn: flat from the 5th turn (24 = 4 + 20)
     assert any(line.startswith("insertion on the same stream") for line in lines)
-    with pytest.raises(ValueError, match="keep every frame"):
-        stream.benchmark(log=quiet, variants="insertion", recent_tokens=20, **TINY)
+    with pytest.raises(ValueError, match="keep every frame in their CA layers"):
+        stream.benchmark(log=quiet, variants="ca_all", recent_tokens=20, **TINY)
 
 
 def test_bench_reserves_the_session_up_front():
