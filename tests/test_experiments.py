@@ -458,3 +458,35 @@ def test_stream_policies_table_and_trained_accuracy(tmp_path, monkeypatch):
     assert long_window["insertion, window 8000"]["accuracy"] == long_window["insertion"]["accuracy"]
     with pytest.raises(SystemExit, match="error: --ckpt_compressed=.* is a ca model: give a compressed one"):
         stream_policies.main([*common[:-2], f"--ckpt_compressed={tmp_path / 'ckpt.pt'}"])
+
+
+def test_table5_jobs_place_ca_every_nth_block_and_compress_to_a_fraction_of_n():
+    """The Table 5 sweep's models: n = 4 on 8 layers keeps two CA layers (blocks 0 and 4); Q = N/4 and
+    N/16 become query counts of each task's own N; every run has its own folder."""
+    from experiments import table5
+
+    jobs = table5.jobs_for(["charts", "text"], list(table5.MODELS), [1, 2], 8, {"charts": 10, "text": 20})
+    assert len({d for d, _ in jobs}) == len(jobs) == 2 * 7 * 2
+    by_dir = dict(jobs)
+    ca4 = casa.Config(**{k: v for k, v in by_dir["runs/table5/charts/ca_tv-n4-s1"].items()
+                         if k in casa.Config.__dataclass_fields__})
+    assert [i for i, (_, ca) in enumerate(ca4.layer_kinds()) if ca] == [0, 4]
+    assert by_dir["runs/table5/charts/insertion-QN_4-s2"]["compress_queries"] == 4  # 64 px / 16: N = 16
+    assert by_dir["runs/table5/text/insertion-QN_16-s1"]["compress_queries"] == 4  # 64 px / 8: N = 64
+    assert "compress_queries" not in by_dir["runs/table5/text/insertion-QN-s1"]
+    assert by_dir["runs/table5/text/blind-s1"]["blind"] and by_dir["runs/table5/text/blind-s1"]["max_iters"] == 20
+
+
+def test_table5_costs_price_a_compressed_image_at_q_tokens(tmp_path):
+    """The cost columns: a measured training speed and activation size, and a turn's KV that grows
+    by T + Q per SA layer for compressed insertion (T + N without compression)."""
+    from experiments import table5
+
+    write_tiny_dataset(tmp_path)
+    small = dict(image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=32, n_vis_layer=1, n_vis_head=2, n_vis_embd=32)
+    full = table5.costs(str(tmp_path), dict(small, variant="insertion"))
+    squeezed = table5.costs(str(tmp_path), dict(small, variant="insertion", compress_queries=2))
+    per_token = 2 * 2 * 32 * 4 / 1024  # K and V, 2 layers, 32 wide, float32, in KiB
+    assert full["kv_per_turn_kib"] == pytest.approx((10 + 16) * per_token)
+    assert squeezed["kv_per_turn_kib"] == pytest.approx((10 + 2) * per_token) and squeezed["kv"] == "kT + kQ"
+    assert full["tok_s"] > 0 and full["activation_mib"] > squeezed["activation_mib"] > 0
