@@ -69,25 +69,25 @@ device = "auto"
 threads = 1  # 1 keeps timings stable
 # -----------------------------------------------------------------------------
 DEFAULTS = configurator.settings(globals())
-COLORS = {"insertion": (214, 39, 40), "insertion, Q = N/c": (255, 127, 14), "insertion, window": (140, 86, 75),
-          "ca": (31, 119, 180), "ca, text window": (23, 190, 207), "ca, sinks + window": (44, 160, 44)}
+# the policies' colours in the picture, in their order: insertion's reds and browns, ca's blues and green
+COLORS = [(214, 39, 40), (255, 127, 14), (140, 86, 75), (31, 119, 180), (23, 190, 207), (44, 160, 44)]
 
 
 def policies(s, T):
-    """[(name, short name for the picture, config, cache bound, which trained checkpoint it uses)] for
-    a stream of turns of T text tokens and one frame of s.image_tokens tokens."""
+    """[(name, config, cache bound, which trained checkpoint it uses)] for a stream of turns of T text
+    tokens and one frame of s.image_tokens tokens."""
     bench = SimpleNamespace(**{**stream.DEFAULTS, **{k: v for k, v in vars(s).items() if k in stream.DEFAULTS}})
     insertion, ca = stream.bench_config(bench, "insertion"), stream.bench_config(bench, "ca")
     N = insertion.n_image_tokens
     compressed = casa.Config(**{**vars(insertion), "compress_queries": max(1, N // s.compress)})
     window = s.window_frames * (N + T)
     return [
-        ("insertion", "insertion", insertion, {}, "insertion"),
-        (f"insertion, Q = {compressed.compress_queries}", "insertion, Q = N/c", compressed, {}, "compressed"),
-        (f"insertion, window {window}", "insertion, window", insertion, dict(recent_tokens=window), "insertion"),
-        ("ca", "ca", ca, {}, "ca"),
-        (f"ca, text window {s.text_window}", "ca, text window", ca, dict(recent_tokens=s.text_window), "ca"),
-        (f"ca, {s.sink_tokens} sinks + window {s.text_window}", "ca, sinks + window", ca,
+        ("insertion", insertion, {}, "insertion"),
+        (f"insertion, Q = {compressed.compress_queries}", compressed, {}, "compressed"),
+        (f"insertion, window {window}", insertion, dict(recent_tokens=window), "insertion"),
+        ("ca", ca, {}, "ca"),
+        (f"ca, text window {s.text_window}", ca, dict(recent_tokens=s.text_window), "ca"),
+        (f"ca, {s.sink_tokens} sinks + window {s.text_window}", ca,
          dict(sink_tokens=s.sink_tokens, recent_tokens=s.text_window), "ca"),
     ]
 
@@ -132,15 +132,15 @@ def run(s):
     bench = SimpleNamespace(**{**stream.DEFAULTS, **{k: v for k, v in vars(s).items() if k in stream.DEFAULTS}})
     T = 2 + s.gen_tokens  # <|image|> <|answer|> and the generated tokens, all cached
     table = policies(s, T)
-    size = table[0][2].image_size
+    size = table[0][1].image_size
     gen = torch.Generator().manual_seed(s.seed)
     frames = [torch.rand(1, 3, size, size, generator=gen).to(dev) for _ in range(8)]
-    print(f"stream policies: {s.turns} frames at {s.fps:g} fps (one every {1000 / s.fps:.0f} ms), N={size // s.patch_size}"
-          f"^2 image tokens + T={T} text tokens a turn; backbone n_layer={s.n_layer} n_embd={s.n_embd} n_head="
+    print(f"stream policies: {s.turns} frames at {s.fps:g} fps (one every {1000 / s.fps:.0f} ms), "
+          f"N={table[0][1].n_image_tokens} image tokens + T={T} text tokens a turn; backbone n_layer={s.n_layer} n_embd={s.n_embd} n_head="
           f"{s.n_head}, random weights, batch 1, {dev}, {torch.get_num_threads()} thread(s); caches reserved for the "
           "whole stream; policies interleaved turn by turn", flush=True)
     t0 = time.perf_counter()
-    sessions = [stream.Session(bench, short, config, bound, dev, frames, grow=False) for _, short, config, bound, _ in table]
+    sessions = [stream.Session(bench, name, config, bound, dev, frames, grow=False) for name, config, bound, _ in table]
     for k in range(s.turns):
         for x in sessions:
             x.turn(k, log=print)
@@ -152,14 +152,14 @@ def run(s):
     accuracy = {}
     for kind in ("insertion", "compressed", "ca"):
         path = getattr(s, f"ckpt_{kind}")
-        for name, _, _, bound, uses in table:
+        for name, _, bound, uses in table:
             if path and uses == kind:
                 accuracy[name], _ = trained_accuracy(path, bound, kind, s.window_frames)
                 print(f"{name}: {accuracy[name]}", flush=True)
 
     rows, records, data = [], [], {}
     n = max(1, s.turns // 10)
-    for (name, short, config, bound, _), x in zip(table, sessions):
+    for (name, config, bound, _), x in zip(table, sessions):
         seconds = [r["ttft_ms"] / 1000 for r in x.records]  # frame to first token
         turn_s = [r["turn_s"] for r in x.records]  # the whole turn: first token and the gen_tokens after it
         late = delays(turn_s, s.fps)
@@ -181,7 +181,7 @@ def run(s):
     header = ["policy", f"entries a layer after {s.turns} frames", "KV MiB", "peak MiB",
               "ms a frame (first 10% → last 10%)", "TTFT ms (first → last 10%)", f"delay at {s.fps:g} fps, last frame",
               "comments", "memory: colour", "memory: shape"]
-    text = (f"One stream, every cache policy: {s.turns} frames at {s.fps:g} fps, N = {table[0][2].n_image_tokens} image "
+    text = (f"One stream, every cache policy: {s.turns} frames at {s.fps:g} fps, N = {table[0][1].n_image_tokens} image "
             f"tokens and T = {T} text tokens a turn, backbone {s.n_layer} x {s.n_embd} (random weights), "
             f"{dev}, {torch.get_num_threads()} thread(s); {wall:.0f} s for all of it. Memory: KV bytes in use after the "
             f"last frame, peak = parameters + KV tensors as allocated. Delay: how far behind real time the last frame's "
@@ -194,7 +194,7 @@ def run(s):
                           [("kv_bytes", "KV cache (MiB)", 1 / stream.MiB), ("turn_s", "time a frame (ms)", 1000),
                            ("delay_s", f"delay behind real time at {s.fps:g} fps (s)", 1)],
                           title=f"One stream of {s.turns} frames, six cache policies (random weights, {dev})",
-                          colors=COLORS)
+                          colors={name: color for (name, *_), color in zip(table, COLORS)})
         print(f"wrote {s.png}")
     return data
 
