@@ -176,10 +176,11 @@ def run(s):
         d = data[name]
         rows.append([name, sum(d["keeps"].values()), f"{d['kv_mib']:.1f}", f"{d['peak_mib']:.0f}",
                      f"{d['turn_ms_first']:.1f} → {d['turn_ms_last']:.1f}", f"{d['ttft_ms_first']:.1f} → {d['ttft_ms_last']:.1f}",
-                     f"{d['delay_s_last']:+.2f}",
+                     f"{1000 / d['turn_ms_last']:.1f}", f"{d['delay_s_last']:+.2f}",
                      *(f"{acc[k]:.3f}" if k in acc else "" for k in ("comment", "memory: color", "memory: shape"))])
     header = ["policy", f"entries a layer after {s.turns} frames", "KV MiB", "peak MiB",
-              "ms a frame (first 10% → last 10%)", "TTFT ms (first → last 10%)", f"delay at {s.fps:g} fps, last frame",
+              "ms a frame (first 10% → last 10%)", "TTFT ms (first → last 10%)", "frames/s it keeps up with (last 10%)",
+              f"delay at {s.fps:g} fps, last frame",
               "comments", "memory: colour", "memory: shape"]
     text = (f"One stream, every cache policy: {s.turns} frames at {s.fps:g} fps, N = {table[0][1].n_image_tokens} image "
             f"tokens and T = {T} text tokens a turn, backbone {s.n_layer} x {s.n_embd} (random weights), "
