@@ -22,8 +22,9 @@ KV cache; and measure why cross-attention stays flat where token insertion grows
       10%) and writes the per-turn records to --json, which
       python -m experiments.efficiency --stream_json=PATH --png=OUT draws.
 
-Several checkpoints captioning side by side: experiments/live_compare.py. The KV cache of the paper's
-backbones: experiments/kv_projection.py. A bad setting, file or checkpoint ends the script with one line
+Several checkpoints captioning side by side: experiments/live_compare.py. One stream through every cache
+policy (full, compressed, windowed insertion; ca with sinks and windows): experiments/stream_policies.py.
+The KV cache of the paper's backbones: experiments/kv_projection.py. A bad setting, file or checkpoint ends the script with one line
 that says what is wrong.
 """
 

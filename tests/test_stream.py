@@ -23,7 +23,7 @@ from data.loader import load_image
 from experiments import live_compare
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = {"variant", "turn", "ttft_ms", "decode_tok_s", "cached_entries", "kv_bytes", "peak_bytes"}
+FIELDS = {"variant", "turn", "ttft_ms", "turn_s", "decode_tok_s", "cached_entries", "kv_bytes", "peak_bytes"}
 TINY = dict(n_layer=2, n_head=2, n_embd=32, image_tokens=16, gen_tokens=3, n_vis_layer=1, n_vis_head=2, n_vis_embd=32,
             warmup=1, device="cpu")
 CPU = ["--device=cpu", "--threads=1"]  # live captioning's settings here: tiny models, one thread
