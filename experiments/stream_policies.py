@@ -46,7 +46,7 @@ from experiments.runs import AT_LEAST_0, AT_LEAST_1, ROOT, check_picture, check_
 from experiments.video import streamed_answers, turn_kind
 
 # -----------------------------------------------------------------------------
-turns = 600  # frames in the stream
+turns = 240  # frames in the stream
 fps = 10.0  # frame rate for the delay column
 compress = 4  # compressed insertion keeps Q = N / compress tokens a frame
 window_frames = 4  # insertion's window: the last window_frames x (N + T) tokens, frames and text
@@ -144,6 +144,8 @@ def run(s):
     for k in range(s.turns):
         for x in sessions:
             x.turn(k, log=print)
+        if (k + 1) % max(1, s.turns // 10) == 0:
+            print(f"  frame {k + 1}/{s.turns}: {time.perf_counter() - t0:.0f} s", flush=True)
     wall = time.perf_counter() - t0
     failures = [f for x in sessions for f in x.failures]
     if failures:
