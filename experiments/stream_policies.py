@@ -212,6 +212,11 @@ def main(argv=None):
                                             f"a rate from {1 / stream.MAX_FPS:g} to {stream.MAX_FPS:g}"))
     if s.png:
         check_picture("png", s.png, ROOT)
+    for kind in ("insertion", "compressed", "ca"):  # before the stream, not after it
+        path = getattr(s, f"ckpt_{kind}")
+        if path and not os.path.isfile(path):
+            sys.exit(f"error: --ckpt_{kind}={path}: no such checkpoint (train one with python train.py "
+                     "--dataset=video ...)")
     try:
         return run(s)
     except (OSError, ValueError) as e:  # a bad checkpoint, backbone sizes that do not fit
