@@ -73,10 +73,9 @@ DEFAULTS = configurator.settings(globals())
 COLORS = [(214, 39, 40), (255, 127, 14), (140, 86, 75), (31, 119, 180), (23, 190, 207), (44, 160, 44)]
 
 
-def policies(s, T):
+def policies(s, bench, T):
     """[(name, config, cache bound, which trained checkpoint it uses)] for a stream of turns of T text
-    tokens and one frame of s.image_tokens tokens."""
-    bench = SimpleNamespace(**{**stream.DEFAULTS, **{k: v for k, v in vars(s).items() if k in stream.DEFAULTS}})
+    tokens and one frame of s.image_tokens tokens; bench: stream.py's settings for the backbone."""
     insertion, ca = stream.bench_config(bench, "insertion"), stream.bench_config(bench, "ca")
     N = insertion.n_image_tokens
     compressed = casa.Config(**{**vars(insertion), "compress_queries": max(1, N // s.compress)})
@@ -131,7 +130,7 @@ def run(s):
     dev = casa.pick_device(s.device)
     bench = SimpleNamespace(**{**stream.DEFAULTS, **{k: v for k, v in vars(s).items() if k in stream.DEFAULTS}})
     T = 2 + s.gen_tokens  # <|image|> <|answer|> and the generated tokens, all cached
-    table = policies(s, T)
+    table = policies(s, bench, T)
     size = table[0][1].image_size
     gen = torch.Generator().manual_seed(s.seed)
     frames = [torch.rand(1, 3, size, size, generator=gen).to(dev) for _ in range(8)]
