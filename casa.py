@@ -917,6 +917,48 @@ class VLM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Training: the optimizer train.py uses for the weight matrices
+
+
+@torch.no_grad()
+def orthogonalize(G, steps=5):
+    """G (A, B) -> about U V^T of G = U S V^T (every singular value pushed towards 1), by a quintic
+    Newton-Schulz iteration (its coefficients from Jordan et al. 2024, tuned to push small singular
+    values up fast; they end between about 0.7 and 1.2, which trains as well as exactly 1)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.float()
+    tall = X.size(0) > X.size(1)
+    if tall:  # work on the wide form: X @ X.T is then the small Gram matrix
+        X = X.T
+    X = X / (X.norm() + 1e-7)  # every singular value <= 1, where the iteration converges
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: SGD with Nesterov momentum whose update of each (A, B) weight matrix is orthogonalised,
+    then scaled by 0.2 * sqrt(max(A, B)) to the size of an AdamW update (Liu et al. 2025, "Muon is
+    scalable for LLM training"), so its lr reads like AdamW's. torch.optim.Muon computes the same in
+    bfloat16, which CPUs without bfloat16 units run several times slower; this one is float32."""
+
+    def __init__(self, params, lr, momentum=0.95):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                update = orthogonalize(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * 0.2 * max(p.shape) ** 0.5)
+
+
+# -----------------------------------------------------------------------------
 # Devices, prompts and checkpoints: the small conventions train.py, sample.py and stream.py share
 
 

@@ -80,7 +80,9 @@ grad_accum = 1  # micro-steps per optimizer step
 max_iters = 0  # optimizer steps; 0: follow the data, `epochs` passes over the training samples...
 epochs = 2.0
 min_iters = 1000  # ...but at least this many steps (a small set needs many passes)
-learning_rate = 3e-4  # training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
+optimizer = "muon"  # muon: Muon for the weight matrices of linear layers, AdamW for the rest; adamw: AdamW for all
+learning_rate = 3e-4  # AdamW's, training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
+muon_lr = 1e-3  # Muon's (its updates scaled to AdamW's size, so the two read alike); adaptation: lr_new, lr_pretrained
 balance_kinds = True  # draw every question kind equally often (data.loader turn_kinds), not as the data has them
 vision_pretrain_iters = -1  # stage 1: steps of label-free pretraining of the vision encoder before the VLM;
 #                              0: off; -1: a fifth of max_iters (for a fresh run with images)
@@ -119,7 +121,7 @@ RANGES = {  # of every number setting, checked in one place (below); [ ] include
     "max_iters min_iters warmup_iters lr_decay_iters eval_items num_show": "[0, inf)",
     "vision_pretrain_iters": "[-1, inf)",
     "seed": f"[0, {2**32 - 1024}]",  # numpy's seeds (seed + rank) are 32-bit
-    "learning_rate vision_pretrain_lr lr_new lr_pretrained": "(0, inf)",
+    "learning_rate muon_lr vision_pretrain_lr lr_new lr_pretrained": "(0, inf)",
     "epochs weight_decay grad_clip init_std": "[0, inf)",
     "dropout beta1 beta2": "[0, 1)",
     "min_lr_frac": "[0, 1]",
@@ -204,6 +206,10 @@ if asked["resume"]:
              if k in SETTINGS and k not in ("resume", "overwrite", "out_dir", "device", "compile", "threads")}
     saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
     saved.setdefault("stem_norm", False)  # and had no stem norm
+    saved.setdefault("optimizer", "adamw")  # and trained with AdamW alone
+    if cli.get("optimizer", saved["optimizer"]) != saved["optimizer"]:  # its state is the other optimizer's
+        fail(f"cannot resume {ckpt_path} with --optimizer={cli['optimizer']}: it was trained with "
+             f"--optimizer={saved['optimizer']}; drop the setting, or start a fresh run in another --out_dir")
     pretrained = set(ckpt.get("pretrained", []))
 elif asked["init_from"]:
     _, src = read_checkpoint(asked["init_from"], "--init_from")
@@ -225,6 +231,8 @@ fresh = not resume and not init_from
 # -----------------------------------------------------------------------------
 # the settings, checked in one place before any data is read or file written
 configurator.check_ranges({k: globals()[k] for k in SETTINGS}, RANGES)
+if optimizer not in ("muon", "adamw"):
+    fail(f"--optimizer={optimizer} is not one of muon, adamw")
 if fresh:  # the model's sizes fit together (casa.Config's checks); image_size 0 stands for 64 until the data is read
     try:
         sizes = {k: globals()[k] for k in MODEL_KEYS if k not in ("block_size", "image_size", "patch_size")}
@@ -444,17 +452,29 @@ if not trainable:
     fail(f"--freeze={freeze} leaves nothing to train")
 model.to(device)
 
-# optimizer: AdamW; weight decay on matrices only; new and pretrained parameters at their own lr
+
+
+# optimizers: Muon for the weight matrices of linear layers (attention, MLPs, fusion, in both towers),
+# AdamW for the rest (the tied embedding and head, convolutions, position embeddings, norms); weight
+# decay on AdamW's matrices only (Muon was measured without it); with init_from, new and pretrained
+# parameters at their own lr. Muon orthogonalises each matrix's update: every direction of the matrix
+# moves at one rate, not only the few a gradient favours; the text side learns to pick an object by
+# its words in about half the steps (docs/recipe.md).
+matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - {id(model.lm_head.weight)}
 groups = {}
 for name, p in trainable:
     is_old = name in pretrained
-    key = (is_old, p.dim() >= 2)
-    base = (lr_pretrained if is_old else lr_new) if init_from else learning_rate
-    groups.setdefault(key, dict(params=[], weight_decay=weight_decay if p.dim() >= 2 else 0.0, base_lr=base))
-    groups[key]["params"].append(p)
-groups = [groups[k] for k in sorted(groups)]
-optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2),
-                              fused=True if device_type == "cuda" else None)
+    kind = "muon" if optimizer == "muon" and id(p) in matrices else "decay" if p.dim() >= 2 else "no_decay"
+    base = (lr_pretrained if is_old else lr_new) if init_from else muon_lr if kind == "muon" else learning_rate
+    groups.setdefault((kind, is_old), dict(params=[], weight_decay=weight_decay if kind == "decay" else 0.0,
+                                           base_lr=base))["params"].append(p)
+adamw_groups = [g for k, g in sorted(groups.items()) if k[0] != "muon"]
+muon_groups = [g for k, g in sorted(groups.items()) if k[0] == "muon"]
+groups = adamw_groups + muon_groups  # in the order of the optimizers' param_groups below
+adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=(beta1, beta2),
+                          fused=True if device_type == "cuda" else None) if adamw_groups else None
+muon = casa.Muon(muon_groups, lr=muon_lr) if muon_groups else None
+optimizers = [o for o in (adamw, muon) if o is not None]
 
 # -----------------------------------------------------------------------------
 # resume: the model's weights and settings came with the checkpoint (above); here the rest of where it
@@ -487,8 +507,11 @@ def read_log(path):
 
 step, trained_s, walled_s = 0, 0.0, 0.0  # walled_s: wall seconds of the parts before a resume
 if resume:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for g, g0 in zip(optimizer.param_groups, groups):  # the lrs of this run's settings
+    if adamw:
+        adamw.load_state_dict(ckpt["optimizer"])
+    if muon:
+        muon.load_state_dict(ckpt["muon"])
+    for g, g0 in zip([g for o in optimizers for g in o.param_groups], groups):  # the lrs of this run's settings
         g["base_lr"] = g0["base_lr"]
     step, trained_s = ckpt["step"], ckpt.get("train_s", 0.0)
     walled_s = ckpt.get("wall_s", 0.0)
@@ -652,7 +675,8 @@ def save(step, train_s):
         states = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for s in states]
     if master:
         try:  # a failed save leaves the last checkpoint as it was, and no partial file
-            casa.save_checkpoint(ckpt_path, raw_model, optimizer=optimizer.state_dict(), step=step, rng=states,
+            casa.save_checkpoint(ckpt_path, raw_model, optimizer=adamw.state_dict() if adamw else {},
+                                 muon=muon.state_dict() if muon else {}, step=step, rng=states,
                                  train_s=train_s, wall_s=walled_s + time.time() - t_start, train_args=args,
                                  pretrained=sorted(pretrained), dataset_dir=data_dir)
         except OSError as e:  # a full disk says so (casa.save_checkpoint)
@@ -758,7 +782,7 @@ bar = tqdm(total=max_iters, initial=step, disable=not master, dynamic_ncols=True
 t_last, tokens_since = time.time(), 0
 while step < max_iters:
     frac = get_lr(step)
-    for g in optimizer.param_groups:
+    for g in [g for o in optimizers for g in o.param_groups]:
         g["lr"] = g["base_lr"] * frac
     loss_accum, tokens = 0.0, 0
     for micro in range(grad_accum):
@@ -774,8 +798,9 @@ while step < max_iters:
         loss_accum += loss.item()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for _, p in trainable], grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for o in optimizers:
+        o.step()
+        o.zero_grad(set_to_none=True)
     step += 1
     tokens_since += tokens * world_size
     bar.update(1)

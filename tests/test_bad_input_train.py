@@ -94,6 +94,8 @@ BAD_SETTINGS = [  # (arguments, what the one-line error says); none of them may 
     (["--image_size=5000"], "--image_size must be in [0, 1024], got 5000"),
     (["--patch_size=3"], "patch_size (3) must be a power of 2"),
     (["--variant=nope"], "unknown variant 'nope'"),
+    (["--optimizer=sgd"], "--optimizer=sgd is not one of muon, adamw"),
+    (["--muon_lr=0"], "--muon_lr must be > 0, got 0.0"),
     (["--device=banana"], "unknown device 'banana'"),
     (["--device=cuda:99"], "device 'cuda:99', but"),
     (["--out_dir="], "--out_dir is empty"),
@@ -137,6 +139,8 @@ def test_bad_settings_and_refused_out_dirs(data, tmp_path):
         ([f"--out_dir={kept.parent}"], f"{kept} already holds a run (step 8, saved "),
         ([f"--out_dir={kept.parent}", "--max_iters=-5"], "--max_iters must be >= 0"),
         ([f"--out_dir={kept.parent}", "--resume=True", "--n_embd=64"], "n_embd=32 (this run asks for 64)"),
+        # a checkpoint from before Muon holds AdamW's state only
+        ([f"--out_dir={kept.parent}", "--resume=True", "--optimizer=muon"], "it was trained with --optimizer=adamw"),
         ([f"--out_dir={busy}"], f"another train.py (pid {os.getpid()}) is running in {busy}"),
         ([f"--out_dir={a_file}"], "is a file, not a folder"),
         ([f"--out_dir={huge.parent}", "--resume=True"], "n_layer=100000, not a size from 1 to 1024"),

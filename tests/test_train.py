@@ -68,6 +68,11 @@ def test_run_logs_metrics_and_final_line(base):
     assert ck["step"] == 8 and ck["config"]["variant"] == "ca" and ck["train_args"]["max_iters"] == 8
     assert {"model", "optimizer", "rng", "train_args", "dataset_dir"} <= set(ck)
     assert {"python", "numpy", "torch", "data"} <= set(ck["rng"][0])
+    # the default optimizer: Muon holds a state for each linear layer's weight matrix, AdamW for the rest
+    model = casa.VLM(casa.Config(**casa.checkpoint_config(ck["config"])))
+    n_matrices = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1  # the head is the embedding
+    assert len(ck["muon"]["state"]) == n_matrices > 0
+    assert len(ck["optimizer"]["state"]) == len(list(model.parameters())) - n_matrices
 
 
 def test_resume_is_exact(base, data, tmp_path):
