@@ -452,8 +452,6 @@ if not trainable:
     fail(f"--freeze={freeze} leaves nothing to train")
 model.to(device)
 
-
-
 # optimizers: Muon for the weight matrices of linear layers (attention, MLPs, fusion, in both towers),
 # AdamW for the rest (the tied embedding and head, convolutions, position embeddings, norms); weight
 # decay on AdamW's matrices only (Muon was measured without it); with init_from, new and pretrained
