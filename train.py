@@ -79,13 +79,13 @@ batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
 max_iters = 0  # optimizer steps; 0: follow the data, `epochs` passes over the training samples...
 epochs = 2.0
-min_iters = 1000  # ...but at least this many steps (a small set needs many passes)
+min_iters = 300  # ...but at least this many steps (a small set needs many passes)
 optimizer = "muon"  # muon: Muon for the weight matrices of linear layers, AdamW for the rest; adamw: AdamW for all
 learning_rate = 3e-4  # AdamW's, training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
 muon_lr = 1e-3  # Muon's (its updates scaled to AdamW's size, so the two read alike); adaptation: lr_new, lr_pretrained
 balance_kinds = True  # draw every question kind equally often (data.loader turn_kinds), not as the data has them
 vision_pretrain_iters = -1  # stage 1: steps of label-free pretraining of the vision encoder before the VLM;
-#                              0: off; -1: a fifth of max_iters (for a fresh run with images)
+#                              0: off; -1: a fifth of max_iters, at least min_iters (a fresh run with images)
 vision_pretrain_lr = 1e-3
 vision_pretrain_batch = 32  # images per stage-1 step
 lr_new = 1e-3  # adaptation (init_from): parameters that are new (CA layers)...
@@ -387,7 +387,7 @@ if max_iters == 0:  # the budget follows the data: passes over the training samp
     log(f"budget: {max_iters} steps of {per_step} samples = {max_iters * per_step / len(train_data):.1f} passes over "
         f"the training set (--epochs={epochs:g}, at least --min_iters={min_iters}; --max_iters to set it)")
 if vision_pretrain_iters < 0:  # stage 1 follows the budget
-    vision_pretrain_iters = args["vision_pretrain_iters"] = 0 if init_from or blind else max_iters // 5
+    vision_pretrain_iters = args["vision_pretrain_iters"] = 0 if init_from or blind else max(min_iters, max_iters // 5)
     if vision_pretrain_iters:
         log(f"stage 1: {vision_pretrain_iters} steps of label-free vision pretraining (the encoder learns to redraw "
             f"the images), then the VLM (--vision_pretrain_iters=N to set it, 0: off)")
