@@ -261,6 +261,11 @@ class Config:
     # patches) it is ~0.01 beside position embeddings that grow to ~0.1 (shapes a few pixels wide
     # were then never learned; docs/recipe.md). False: the models trained before it existed
     stem_norm: bool = True
+    # initial std of the encoder's row and column embeddings. The stem's tokens are at RMS 1 (stem_norm):
+    # position embeddings that start at 0 stay ~0.02 after thousands of steps, too faint for "which
+    # column is the red shape in" or "is it left of the blue one" to be read (docs/recipe.md). 0: the
+    # models trained before it existed
+    pos_std: float = 0.5
     # initialisation of the text side (embeddings, attention, MLPs, fusion): weights ~ N(0, init_std^2),
     # residual projections scaled down by sqrt(2 n_layer); 0: 1/sqrt(n_embd) (GPT-2 uses 0.02)
     init_std: float = 0.0
@@ -785,6 +790,9 @@ class VLM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
         for block in self.blocks:
             block.init_ca_from_sa()
+        if config.pos_std:  # last, so that every other weight starts as it would without it
+            nn.init.normal_(self.vision.row_emb, std=config.pos_std)
+            nn.init.normal_(self.vision.col_emb, std=config.pos_std)
 
     @staticmethod
     def _init_weights(module, std):
@@ -1050,7 +1058,7 @@ CHECKPOINT_LIMITS = dict(block_size=1 << 20, vocab_size=1 << 20, n_layer=1024, n
 def checkpoint_config(saved):
     """A checkpoint's config as Config's keywords: settings added since it was saved take the value
     that reproduces the model it was saved from (not today's default)."""
-    return {"stem_norm": False, **saved}
+    return {"stem_norm": False, "pos_std": 0.0, **saved}
 
 
 def load_checkpoint(path, device="cpu"):

@@ -70,6 +70,7 @@ n_vis_layer = 2
 n_vis_head = 4
 n_vis_embd = 128
 stem_norm = True  # RMS-normalise the vision stem's output (False: the encoder of the tables before it)
+pos_std = 0.5  # initial std of the encoder's row and column embeddings (0: zeros, the tables before it)
 dropout = 0.0
 init_std = 0.0  # the text side's initial weights' std; 0: 1/sqrt(n_embd) (GPT-2's 0.02 learns question logic slower)
 ca_every = 1  # CA layers in every n-th block only (blocks 0, n, 2n, ...; the paper's Table 5a); CA variants
@@ -110,7 +111,7 @@ threads = 0  # CPU threads; 0: $OMP_NUM_THREADS if set, else the idle cores (cas
 # -----------------------------------------------------------------------------
 SETTINGS = list(configurator.settings(globals()))
 MODEL_KEYS = ["variant", "n_layer", "n_head", "n_embd", "block_size", "image_size", "patch_size",
-              "n_vis_layer", "n_vis_head", "n_vis_embd", "stem_norm", "dropout", "init_std", "ca_every", "compress_queries"]
+              "n_vis_layer", "n_vis_head", "n_vis_embd", "stem_norm", "pos_std", "dropout", "init_std", "ca_every", "compress_queries"]
 RANGES = {  # of every number setting, checked in one place (below); [ ] includes the bound, ( ) does not
     "n_layer n_head n_vis_layer n_vis_head": "[1, 1024]",
     "n_embd n_vis_embd": "[1, 65536]",
@@ -122,7 +123,7 @@ RANGES = {  # of every number setting, checked in one place (below); [ ] include
     "vision_pretrain_iters": "[-1, inf)",
     "seed": f"[0, {2**32 - 1024}]",  # numpy's seeds (seed + rank) are 32-bit
     "learning_rate muon_lr vision_pretrain_lr lr_new lr_pretrained": "(0, inf)",
-    "epochs weight_decay grad_clip init_std": "[0, inf)",
+    "epochs weight_decay grad_clip init_std pos_std": "[0, inf)",
     "dropout beta1 beta2": "[0, 1)",
     "min_lr_frac": "[0, 1]",
     "threads": "[0, 1024]",
@@ -206,6 +207,7 @@ if asked["resume"]:
              if k in SETTINGS and k not in ("resume", "overwrite", "out_dir", "device", "compile", "threads")}
     saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
     saved.setdefault("stem_norm", False)  # and had no stem norm
+    saved.setdefault("pos_std", 0.0)  # and zero position embeddings at init
     saved.setdefault("optimizer", "adamw")  # and trained with AdamW alone
     if cli.get("optimizer", saved["optimizer"]) != saved["optimizer"]:  # its state is the other optimizer's
         fail(f"cannot resume {ckpt_path} with --optimizer={cli['optimizer']}: it was trained with "
@@ -215,7 +217,7 @@ elif asked["init_from"]:
     _, src = read_checkpoint(asked["init_from"], "--init_from")
     sizes = casa.checkpoint_config(src["config"])
     clash = [f"{k}={sizes.get(k)!r} (asked {v!r})" for k, v in cli.items()
-             if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout", "init_std", "ca_every", "compress_queries")
+             if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout", "init_std", "pos_std", "ca_every", "compress_queries")
              and sizes.get(k) != v]
     if clash:
         fail(f"--init_from: {asked['init_from']} has {', '.join(clash)}; the model sizes come from the checkpoint")

@@ -838,6 +838,26 @@ def test_a_checkpoint_from_before_the_stem_norm_loads_as_it_was_trained(tmp_path
         torch.testing.assert_close(loaded.eval()(idx, images)[0], model(idx, images)[0], atol=0, rtol=0)
 
 
+def test_pos_std_draws_the_position_embeddings_and_nothing_else():
+    """pos_std sets only the row and column embeddings' initial scale, drawn after every other weight:
+    the rest of the model is bit for bit the model of pos_std=0 (the tables' recipe), whose position
+    embeddings are zeros; an old checkpoint's config (no pos_std) rebuilds with 0."""
+    models = {}
+    for pos_std in (0.0, 0.5):
+        torch.manual_seed(0)
+        models[pos_std] = casa.VLM(casa.Config(image_size=64, patch_size=8, pos_std=pos_std)).state_dict()
+    pos = ("vision.row_emb", "vision.col_emb")
+    for name, w in models[0.0].items():
+        if name in pos:
+            assert not w.any()
+            drawn = models[0.5][name]  # 8 x 128 values a table: its std within ~10% of 0.5
+            assert abs(drawn.std().item() - 0.5) < 0.06 and drawn.shape == w.shape
+        else:
+            assert torch.equal(w, models[0.5][name]), name
+    assert not torch.equal(models[0.5][pos[0]].squeeze(), models[0.5][pos[1]].squeeze())
+    assert casa.Config(**casa.checkpoint_config({})).pos_std == 0.0 and casa.Config().pos_std == 0.5
+
+
 def test_checkpoints_and_state_dicts(tmp_path):
     model = make_model("ca_tv")
     path = str(tmp_path / "ckpt.pt")
