@@ -83,11 +83,13 @@ def jobs_for(tasks, models, seeds, n_layer, iters, root="runs/table5"):
     for task in tasks:
         budget = dict(max_iters=iters[task], eval_interval=max(1, iters[task] // 10), num_show=0, n_layer=n_layer)
         # train.py's recipe as the first runs of this table had it: a fifth of the steps of vision stage
-        # (no floor yet) and zero-initialised position embeddings (no pos_std yet), so seeds run later match
-        budget.update(vision_pretrain_iters=iters[task] // 5, pos_std=0.0)
+        # (no floor yet; none for blind, which has no images) and zero-initialised position embeddings
+        # (no pos_std yet), so that seeds run later match them
+        budget["pos_std"] = 0.0
         for model in models:
             for seed in seeds:
                 settings = dict(dataset=task, **image_settings(task), **model_settings(model, task), **budget, seed=seed)
+                settings["vision_pretrain_iters"] = 0 if settings.get("blind") else iters[task] // 5
                 jobs.append((f"{root}/{task}/{folder_name(model)}-s{seed}", settings))
     return jobs
 
