@@ -755,10 +755,12 @@ def sample(logits, temperature=1.0, top_k=None):
 class VLM(nn.Module):
     """The vision-language model. One calling convention for every variant:
 
-        logits, loss = model(idx, images=None, targets=None, cache=None)
+        logits, loss = model(idx, images=None, targets=None, cache=None, image_index=None)
 
     idx (B, T) token ids with <|image|> markers; images (M, 3, H, W) floats in [0, 1], bound to the
-    markers in reading order (row 0's markers first, left to right, then row 1, ...). logits are
+    markers in reading order (row 0's markers first, left to right, then row 1, ...). image_index
+    (M,) lets markers share images: marker m shows images[image_index[m]], and each of the K images
+    is encoded once (training draws several questions about one picture: data.loader). logits are
     (B, T, vocab) at the text positions for every variant. targets (B, T), -1 where no loss.
     With cache=model.new_cache(B), the call appends idx (and its images) to the cache and returns
     logits for the new positions only.
@@ -801,9 +803,9 @@ class VLM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, idx, images=None, targets=None, cache=None):
+    def forward(self, idx, images=None, targets=None, cache=None, image_index=None):
         config = self.config
-        img = self.encode_images(idx, images)  # (M, N, C) or None
+        img = self.encode_images(idx, images, image_index)  # (M, N, C) or None
         if cache is not None and cache.batch_size != idx.size(0):
             raise ValueError(f"the cache was made for batch size {cache.batch_size}, idx has {idx.size(0)} rows")
         is_marker = idx == self.image_id  # (B, T)
@@ -831,7 +833,7 @@ class VLM(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def encode_images(self, idx, images):
+    def encode_images(self, idx, images, image_index=None):
         """Check idx and images against each other and the config; run the vision encoder."""
         config = self.config
         if idx.dim() != 2:
@@ -847,6 +849,12 @@ class VLM(nn.Module):
                              f"{tuple(images.shape)}. Stack them into one batch (one image: images[None])")
         n_markers = int((idx == self.image_id).sum())
         n_images = 0 if images is None else images.size(0)
+        if image_index is not None:
+            if images is None or image_index.dim() != 1 or image_index.dtype != torch.long:
+                raise ValueError("image_index must be a 1-D long tensor, one entry per marker, with images given")
+            if image_index.numel() and (int(image_index.min()) < 0 or int(image_index.max()) >= n_images):
+                raise ValueError(f"image_index must lie in [0, {n_images}), the images given")
+            n_images = image_index.numel()  # markers that get an image
         if n_markers != n_images:
             raise ValueError(f"{n_markers} <|image|> markers in idx but {n_images} images given; "
                              "pass exactly one image per marker, in reading order")
@@ -860,8 +868,9 @@ class VLM(nn.Module):
             raise ValueError(f"images must be floats in [0, 1], got dtype {images.dtype}; divide uint8 pixels by 255")
         if float(images.min()) < 0 or float(images.max()) > 1:
             raise ValueError(f"image values must lie in [0, 1], got {float(images.min()):.3g}..{float(images.max()):.3g}")
-        img = self.vision(images)  # (M, N, C)
-        return img if self.compress is None else self.compress(img)  # (M, Q, C)
+        img = self.vision(images)  # (M, N, C), or (K, N, C) of K shared images
+        img = img if self.compress is None else self.compress(img)  # (M, Q, C)
+        return img if image_index is None else img[image_index]  # each marker its image: (M, N or Q, C)
 
     def copy_weights_from(self, state_dict):
         """Adaptation (train.py --init_from): start from another checkpoint's weights. Copies every

@@ -85,6 +85,7 @@ optimizer = "muon"  # muon: Muon for the weight matrices of linear layers, AdamW
 learning_rate = 3e-4  # AdamW's, training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
 muon_lr = 1e-3  # Muon's (its updates scaled to AdamW's size, so the two read alike); adaptation: lr_new, lr_pretrained
 balance_kinds = True  # draw every question kind equally often (data.loader turn_kinds), not as the data has them
+questions_per_image = 10  # a batch takes up to this many questions about each picture it draws, and encodes it once
 vision_pretrain_iters = -1  # stage 1: steps of label-free pretraining of the vision encoder before the VLM;
 #                              0: off; -1: a fifth of max_iters, at least min_iters (a fresh run with images)
 vision_pretrain_lr = 1e-3
@@ -117,7 +118,7 @@ RANGES = {  # of every number setting, checked in one place (below); [ ] include
     "n_embd n_vis_embd": "[1, 65536]",
     "block_size": "[0, 1048576]",
     "image_size patch_size": "[0, 1024]",
-    "batch_size grad_accum eval_batch_size vision_pretrain_batch": "[1, 65536]",
+    "batch_size grad_accum eval_batch_size vision_pretrain_batch questions_per_image": "[1, 65536]",
     "eval_interval log_interval": "[1, inf)",
     "max_iters min_iters warmup_iters lr_decay_iters eval_items num_show": "[0, inf)",
     "vision_pretrain_iters": "[-1, inf)",
@@ -206,6 +207,7 @@ if asked["resume"]:
     saved = {k: v for k, v in ckpt["train_args"].items()
              if k in SETTINGS and k not in ("resume", "overwrite", "out_dir", "device", "compile", "threads")}
     saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
+    saved.setdefault("questions_per_image", 1)  # one question per picture drawn
     saved.setdefault("stem_norm", False)  # and had no stem norm
     saved.setdefault("pos_std", 0.0)  # and zero position embeddings at init
     saved.setdefault("optimizer", "adamw")  # and trained with AdamW alone
@@ -388,6 +390,10 @@ if max_iters == 0:  # the budget follows the data: passes over the training samp
     max_iters = args["max_iters"] = max(min_iters, math.ceil(epochs * len(train_data) / per_step))
     log(f"budget: {max_iters} steps of {per_step} samples = {max_iters * per_step / len(train_data):.1f} passes over "
         f"the training set (--epochs={epochs:g}, at least --min_iters={min_iters}; --max_iters to set it)")
+if questions_per_image > 1 and train_data.most_per_image > 1:
+    per_picture = len(train_data) / len({tuple(s.images) for s in train_data.samples})
+    log(f"batches: up to {questions_per_image} questions about each picture drawn ({per_picture:.1f} a picture in "
+        f"the data), the picture encoded once for all of them (--questions_per_image=1: one question a picture)")
 if vision_pretrain_iters < 0:  # stage 1 follows the budget
     vision_pretrain_iters = args["vision_pretrain_iters"] = 0 if init_from or blind else max(min_iters, max_iters // 5)
     if vision_pretrain_iters:
@@ -786,13 +792,15 @@ while step < max_iters:
         g["lr"] = g["base_lr"] * frac
     loss_accum, tokens = 0.0, 0
     for micro in range(grad_accum):
-        idx, targets, images = train_data.get_batch(batch_size, data_rng, sample_weights)
+        idx, targets, images, image_index = train_data.get_batch(batch_size, data_rng, sample_weights,
+                                                                 questions_per_image)
         tokens += text_tokens(targets)
         idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         images = None if images is None else images.to(device, non_blocking=True)
+        image_index = None if image_index is None else image_index.to(device, non_blocking=True)
         sync_ctx = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
         with sync_ctx, autocast:
-            _, loss = model(idx, images, targets)
+            _, loss = model(idx, images, targets, image_index=image_index)
             loss = loss / grad_accum
         loss.backward()
         loss_accum += loss.item()

@@ -332,6 +332,11 @@ class Dataset:
         self.samples = [tokenize(s, self.tokenizer) for s in read_split(folder, split)]
         self.tasks = sorted({s.task for s in self.samples})
         self.turn_kinds = turn_kinds(self.samples)  # per sample, per turn: "task: question kind"
+        by_images = {}  # the samples that show the same images (the questions about one picture)
+        for i, s in enumerate(self.samples):
+            by_images.setdefault(tuple(s.images), []).append(i)
+        self.same_images = [by_images[tuple(s.images)] for s in self.samples]  # per sample, its group
+        self.most_per_image = max(map(len, by_images.values()), default=0)
         self._images = {}  # path -> (3, S, S) uint8
         if not blind:  # decode everything now: errors early, batches fast
             for s in self.samples:
@@ -379,8 +384,8 @@ class Dataset:
 
     # --- training ---
 
-    def batch(self, indices):
-        """Samples -> idx (B, T), targets (B, T), images (M, 3, S, S) or None.
+    def batch(self, indices, images=True):
+        """Samples -> idx (B, T), targets (B, T), images (M, 3, S, S) or None (also when images=False).
         idx is each sample's tokens but the last, right-padded with <|endoftext|>; targets the next
         token where it is an answer token, else -1 (prompts and padding carry no loss)."""
         rows = [self.samples[i] for i in indices]
@@ -390,7 +395,7 @@ class Dataset:
         for r, s in enumerate(rows):
             x, y = self._xy(s)
             idx[r, : len(x)], targets[r, : len(y)] = x, y
-        if not any(s.images for s in rows):
+        if not images or not any(s.images for s in rows):
             return idx, targets, None
         if self.blind:
             return idx, targets, torch.zeros(sum(len(s.images) for s in rows), 3, self.image_size, self.image_size)
@@ -403,14 +408,49 @@ class Dataset:
             s.xy = ids[:-1], torch.where(torch.tensor(s.answer_mask[1:]), ids[1:], -1)
         return s.xy
 
-    def get_batch(self, batch_size, generator, weights=None):
-        """A random batch (with replacement), drawn from `generator` (reproducible, resumable);
-        weights: how likely each sample is (kind_weights()), None: all alike."""
+    def draw_groups(self, batch_size, generator, weights=None, per_image=1):
+        """The rows of a random batch (with replacement), drawn from `generator` (reproducible,
+        resumable), as a list of groups: each group a sample drawn by `weights` (kind_weights(); None:
+        all alike) and up to per_image - 1 other samples with the same images (other questions about
+        the same picture, none twice, as likely as their weights say); batch_size rows in all."""
+        if per_image <= 1 or self.most_per_image == 1:  # one question per picture: a plain draw
+            if weights is None:
+                rows = torch.randint(len(self.samples), (batch_size,), generator=generator)
+            else:
+                rows = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+            return [[r] for r in rows.tolist()]
         if weights is None:
-            rows = torch.randint(len(self.samples), (batch_size,), generator=generator)
-        else:
-            rows = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-        return self.batch(rows.tolist())
+            weights = torch.ones(len(self.samples), dtype=torch.float64)
+        groups, n = [], 0
+        while n < batch_size:
+            first = int(torch.multinomial(weights, 1, generator=generator))
+            others = [i for i in self.same_images[first] if i != first]
+            k = min(per_image - 1, batch_size - n - 1, len(others))
+            pick = torch.multinomial(weights[others], k, generator=generator).tolist() if k > 0 else []
+            groups.append([first] + [others[j] for j in pick])
+            n += len(groups[-1])
+        return groups
+
+    def get_batch(self, batch_size, generator, weights=None, per_image=1):
+        """A random batch of draw_groups' rows. Drawn one question a picture (per_image 1, or a
+        dataset of one question per picture): idx, targets, images (M, 3, S, S) or None (one image
+        per marker, as batch() gives), None. Else every image is in the batch once: idx, targets,
+        images (K, 3, S, S), image_index (M,) (marker m of idx shows images[image_index[m]]), so the
+        model encodes a picture once for all its questions."""
+        groups = self.draw_groups(batch_size, generator, weights, per_image)
+        rows = [r for group in groups for r in group]
+        if len(groups) == batch_size:  # one question per picture drawn
+            return (*self.batch(rows), None)
+        idx, targets, _ = self.batch(rows, images=False)
+        paths = [p for i in rows for p in self.samples[i].images]
+        if not paths:
+            return idx, targets, None, None
+        slot = {p: j for j, p in enumerate(dict.fromkeys(paths))}  # each image once, in order of first use
+        image_index = torch.tensor([slot[p] for p in paths], dtype=torch.long)
+        S = self.image_size
+        if self.blind:
+            return idx, targets, torch.zeros(len(slot), 3, S, S), image_index
+        return idx, targets, torch.stack([self._images[p] for p in slot]).float() / 255, image_index
 
     def kind_weights(self):
         """A weight per sample that makes every question kind (turn_kinds) as likely as every other

@@ -97,7 +97,7 @@ def train_speed(config, data, batch_size, steps, device, warmup=3):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
-        idx, targets, images = data.get_batch(batch_size, gen)
+        idx, targets, images, _ = data.get_batch(batch_size, gen)
         idx, targets, images = idx.to(device), targets.to(device), images.to(device)
         stream.sync(device)
         t0 = time.perf_counter()

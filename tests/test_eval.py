@@ -37,7 +37,7 @@ def test_score_agrees_with_greedy_decoding(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(60):
-        idx, targets, images = train.get_batch(8, gen)
+        idx, targets, images, _ = train.get_batch(8, gen)
         model(idx, images, targets)[1].backward()
         opt.step()
         opt.zero_grad()

@@ -116,7 +116,7 @@ def test_batches_reproducible_and_blind(tmp_path):
     ds = Dataset(str(folder), "train", S)
     a = ds.get_batch(5, torch.Generator().manual_seed(3))
     b = ds.get_batch(5, torch.Generator().manual_seed(3))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] is None and b[3] is None
     assert a[2] is not None and float(a[2].sum()) > 0
     blind = Dataset(str(folder), "train", S, blind=True)
     c = blind.get_batch(5, torch.Generator().manual_seed(3))
@@ -138,7 +138,7 @@ def test_balanced_kinds_draw_every_kind_equally(tmp_path):
     # get_batch draws through the weights: all weight on one sample gives only that sample
     one = torch.zeros(len(ds), dtype=torch.float64)
     one[9] = 1.0
-    idx, _, _ = ds.get_batch(6, torch.Generator().manual_seed(1), one)
+    idx, _, _, _ = ds.get_batch(6, torch.Generator().manual_seed(1), one)
     assert all(torch.equal(row, ds.batch([9])[0][0]) for row in idx)
     # a line of several turns counts for each of its kinds: the rare kind still comes up more often
     two = {"images": ["a.png", "a.png"], "turns": [{"prompt": "<|image|> what color is it?", "answer": "red"},
@@ -146,6 +146,46 @@ def test_balanced_kinds_draw_every_kind_equally(tmp_path):
     ds = Dataset(str(folder_with(tmp_path, lines + [two])), "train", S)
     w = ds.kind_weights()
     assert float(w[9] + w[10]) > float(w[:9].sum()) / 2
+
+
+def test_questions_about_one_picture_come_together_and_share_its_image(tmp_path):
+    # three pictures with 4, 3 and 1 questions (a.png, b.png: different pixels; c.png a copy of b's
+    # file under another name, so it is another picture); get_batch(per_image=3) takes up to 3
+    # questions of each picture it draws, never one twice, and each picture's image once
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255)), ("c", (0, 0, 255))):
+        Image.new("RGB", (10, 10), colour).save(tmp_path / f"{name}.png")
+    lines = [{"image": f"{n}.png", "prompt": f"question {i} about {n}?", "answer": str(i)}
+             for n, k in (("a", 4), ("b", 3), ("c", 1)) for i in range(k)]
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ds = Dataset(str(tmp_path), "train", S)
+    picture = [os.path.basename(s.images[0]) for s in ds.samples]
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        groups = ds.draw_groups(7, gen, ds.kind_weights(), per_image=3)
+        assert sum(map(len, groups)) == 7
+        for g in groups:  # one picture, no question twice, as many as it has up to 3 (the last may be cut)
+            assert len({picture[i] for i in g}) == 1 and len(set(g)) == len(g) <= 3
+            assert len(g) == min(3, len(ds.same_images[g[0]])) or g is groups[-1]
+            seen.add(tuple(sorted(g)))
+        # the batch's images, each marker's through image_index, are what batch() gives the same rows
+        state = gen.get_state()
+        rows = [i for g in ds.draw_groups(7, gen, ds.kind_weights(), per_image=3) for i in g]
+        gen.set_state(state)
+        idx, targets, images, image_index = ds.get_batch(7, gen, ds.kind_weights(), per_image=3)
+        plain_idx, plain_targets, plain_images = ds.batch(rows)
+        assert torch.equal(idx, plain_idx) and torch.equal(targets, plain_targets)
+        assert torch.equal(images[image_index], plain_images)
+        assert images.size(0) == len({picture[i] for i in rows})  # each picture once
+    assert len(seen) > 10  # different questions of a picture come up, not always the same ones
+    # per_image=1 is the plain draw: images one per marker, no index
+    idx, targets, images, image_index = ds.get_batch(5, gen, None, per_image=1)
+    assert image_index is None and images.size(0) == 5
+    # blind: blank images, shared all the same
+    blind = Dataset(str(tmp_path), "train", S, blind=True)
+    _, _, images, image_index = blind.get_batch(6, gen, None, per_image=3)
+    assert float(images.abs().sum()) == 0 and image_index.numel() == 6
 
 
 def test_typical_image_side(tmp_path):

@@ -776,6 +776,33 @@ def test_bad_images_raise_clear_errors():
             model(idx, images)
 
 
+@pytest.mark.parametrize("variant, settings", [("ca", {}), ("ca_tv", {}), ("insertion", {}), ("insertion", dict(compress_queries=2))])
+def test_shared_images_equal_each_marker_its_own_copy(variant, settings):
+    # image_index lets several samples show one image (encoded once): logits, loss and every gradient
+    # equal those of the same batch with the image copied to each marker
+    idx = torch.tensor([[IMAGE_ID, 5, 6, 7], [IMAGE_ID, 8, 9, 10], [IMAGE_ID, 11, 12, 13]])
+    targets = torch.tensor([[-1, 6, 7, 1], [-1, 9, 10, 2], [-1, 12, 13, 3]])
+    images = torch.rand(2, 3, 16, 16)
+    image_index = torch.tensor([1, 0, 1])
+    results = []
+    for imgs, index in ((images, image_index), (images[image_index], None)):
+        model = make_model(variant, **settings)
+        logits, loss = model(idx, imgs, targets, image_index=index)
+        loss.backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(a, b)
+    assert grads_a.keys() == grads_b.keys() and any(n.startswith("vision.") for n in grads_a)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5)
+    model = make_model(variant, **settings)
+    for index, match in ((torch.tensor([0, 2, 1]), r"image_index must lie in \[0, 2\)"),
+                         (torch.tensor([0, 1]), r"3 <\|image\|> markers in idx but 2 images"),
+                         (torch.tensor([0.0, 1.0, 1.0]), r"image_index must be a 1-D long tensor")):
+        with pytest.raises(ValueError, match=match):
+            model(idx, images, image_index=index)
+
+
 def test_bad_token_inputs_raise_clear_errors():
     model = make_model("insertion")
     S = 16
