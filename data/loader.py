@@ -333,9 +333,10 @@ class Dataset:
         self.tasks = sorted({s.task for s in self.samples})
         self.turn_kinds = turn_kinds(self.samples)  # per sample, per turn: "task: question kind"
         by_images = {}  # the samples that show the same images (the questions about one picture)
-        for i, s in enumerate(self.samples):
-            by_images.setdefault(tuple(s.images), []).append(i)
-        self.same_images = [by_images[tuple(s.images)] for s in self.samples]  # per sample, its group
+        keys = [tuple(s.images) if s.images else i for i, s in enumerate(self.samples)]  # text alone: a group of one
+        for i, key in enumerate(keys):
+            by_images.setdefault(key, []).append(i)
+        self.same_images = [by_images[key] for key in keys]  # per sample, its group
         self.most_per_image = max(map(len, by_images.values()), default=0)
         self._images = {}  # path -> (3, S, S) uint8
         if not blind:  # decode everything now: errors early, batches fast

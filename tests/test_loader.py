@@ -156,10 +156,12 @@ def test_questions_about_one_picture_come_together_and_share_its_image(tmp_path)
         Image.new("RGB", (10, 10), colour).save(tmp_path / f"{name}.png")
     lines = [{"image": f"{n}.png", "prompt": f"question {i} about {n}?", "answer": str(i)}
              for n, k in (("a", 4), ("b", 3), ("c", 1)) for i in range(k)]
+    lines += [{"prompt": "a question without a picture?", "answer": "x"}] * 2  # each a group of its own
     for split in ("train", "val"):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     ds = Dataset(str(tmp_path), "train", S)
-    picture = [os.path.basename(s.images[0]) for s in ds.samples]
+    picture = [os.path.basename(s.images[0]) if s.images else f"text {i}" for i, s in enumerate(ds.samples)]
+    assert ds.same_images[8] == [8] and ds.same_images[9] == [9] and ds.same_images[0] == [0, 1, 2, 3]
     gen = torch.Generator().manual_seed(0)
     seen = set()
     for _ in range(20):
@@ -171,21 +173,30 @@ def test_questions_about_one_picture_come_together_and_share_its_image(tmp_path)
             seen.add(tuple(sorted(g)))
         # the batch's images, each marker's through image_index, are what batch() gives the same rows
         state = gen.get_state()
-        rows = [i for g in ds.draw_groups(7, gen, ds.kind_weights(), per_image=3) for i in g]
+        drawn = ds.draw_groups(7, gen, ds.kind_weights(), per_image=3)
+        rows = [i for g in drawn for i in g]
         gen.set_state(state)
         idx, targets, images, image_index = ds.get_batch(7, gen, ds.kind_weights(), per_image=3)
         plain_idx, plain_targets, plain_images = ds.batch(rows)
         assert torch.equal(idx, plain_idx) and torch.equal(targets, plain_targets)
+        if image_index is None:  # every group drawn was one question (or no picture): the plain batch
+            assert len(drawn) == 7 or images is None
+            assert (images is None and plain_images is None) or torch.equal(images, plain_images)
+            continue
         assert torch.equal(images[image_index], plain_images)
-        assert images.size(0) == len({picture[i] for i in rows})  # each picture once
+        assert images.size(0) == len({picture[i] for i in rows if ds.samples[i].images})  # each picture once
     assert len(seen) > 10  # different questions of a picture come up, not always the same ones
     # per_image=1 is the plain draw: images one per marker, no index
     idx, targets, images, image_index = ds.get_batch(5, gen, None, per_image=1)
-    assert image_index is None and images.size(0) == 5
+    assert image_index is None and images.size(0) == int((idx == IMAGE_ID).sum())
     # blind: blank images, shared all the same
     blind = Dataset(str(tmp_path), "train", S, blind=True)
-    _, _, images, image_index = blind.get_batch(6, gen, None, per_image=3)
-    assert float(images.abs().sum()) == 0 and image_index.numel() == 6
+    for _ in range(5):  # till a draw shares a picture
+        idx, _, images, image_index = blind.get_batch(6, gen, None, per_image=3)
+        if image_index is not None:
+            break
+    assert image_index is not None, "five draws of 6 and never two questions of one picture"
+    assert float(images.abs().sum()) == 0 and image_index.numel() == int((idx == IMAGE_ID).sum())
 
 
 def test_typical_image_side(tmp_path):
