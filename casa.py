@@ -869,7 +869,7 @@ class VLM(nn.Module):
         if float(images.min()) < 0 or float(images.max()) > 1:
             raise ValueError(f"image values must lie in [0, 1], got {float(images.min()):.3g}..{float(images.max()):.3g}")
         img = self.vision(images)  # (M, N, C), or (K, N, C) of K shared images
-        img = img if self.compress is None else self.compress(img)  # (M, Q, C)
+        img = img if self.compress is None else self.compress(img)  # (M or K, Q, C)
         return img if image_index is None else img[image_index]  # each marker its image: (M, N or Q, C)
 
     def copy_weights_from(self, state_dict):

@@ -391,8 +391,7 @@ if max_iters == 0:  # the budget follows the data: passes over the training samp
     log(f"budget: {max_iters} steps of {per_step} samples = {max_iters * per_step / len(train_data):.1f} passes over "
         f"the training set (--epochs={epochs:g}, at least --min_iters={min_iters}; --max_iters to set it)")
 if questions_per_image > 1 and train_data.most_per_image > 1:
-    per_picture = len(train_data) / len({tuple(s.images) for s in train_data.samples})
-    log(f"batches: up to {questions_per_image} questions about each picture drawn ({per_picture:.1f} a picture in "
+    log(f"batches: up to {questions_per_image} questions about each picture drawn ({train_data.per_image:.1f} a picture in "
         f"the data), the picture encoded once for all of them (--questions_per_image=1: one question a picture)")
 if vision_pretrain_iters < 0:  # stage 1 follows the budget
     vision_pretrain_iters = args["vision_pretrain_iters"] = 0 if init_from or blind else max(min_iters, max_iters // 5)

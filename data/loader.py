@@ -338,6 +338,7 @@ class Dataset:
             by_images.setdefault(key, []).append(i)
         self.same_images = [by_images[key] for key in keys]  # per sample, its group
         self.most_per_image = max(map(len, by_images.values()), default=0)
+        self.per_image = len(self.samples) / max(1, len(by_images))  # samples a picture, on average
         self._images = {}  # path -> (3, S, S) uint8
         if not blind:  # decode everything now: errors early, batches fast
             for s in self.samples:
