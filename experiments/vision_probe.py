@@ -41,6 +41,7 @@ learning_rate = 3e-3
 image_size = 32
 patch_size = 8
 stem_norm = True  # the encoder's norm after its conv stem (casa.Config.stem_norm); False: the encoder before it
+stem_he_init = True  # He's init for the stem's convs (casa.Config.stem_he_init); False: PyTorch's default
 seed = 1
 threads = 1
 ckpt = ""  # probe this trained model's frozen encoder (its image size) instead
@@ -85,7 +86,8 @@ def main(argv=None):
         n_features = config.n_image_tokens * config.n_embd
     else:  # a fresh encoder, trained with the classifier on its mean-pooled tokens
         try:
-            config = casa.Config(image_size=image_size, patch_size=patch_size, stem_norm=stem_norm)
+            config = casa.Config(image_size=image_size, patch_size=patch_size, stem_norm=stem_norm,
+                                 stem_he_init=stem_he_init)
         except ValueError as e:  # a patch size that does not tile the image
             sys.exit(f"error: --image_size/--patch_size: {e}")
         size = image_size

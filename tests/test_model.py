@@ -872,7 +872,8 @@ def test_pos_std_draws_the_position_embeddings_and_nothing_else():
     models = {}
     for pos_std in (0.0, 0.5):
         torch.manual_seed(0)
-        models[pos_std] = casa.VLM(casa.Config(image_size=64, patch_size=8, pos_std=pos_std)).state_dict()
+        config = casa.Config(image_size=64, patch_size=8, pos_std=pos_std, stem_he_init=False)  # drawn after pos
+        models[pos_std] = casa.VLM(config).state_dict()
     pos = ("vision.row_emb", "vision.col_emb")
     for name, w in models[0.0].items():
         if name in pos:
@@ -883,6 +884,38 @@ def test_pos_std_draws_the_position_embeddings_and_nothing_else():
             assert torch.equal(w, models[0.5][name]), name
     assert not torch.equal(models[0.5][pos[0]].squeeze(), models[0.5][pos[1]].squeeze())
     assert casa.Config(**casa.checkpoint_config({})).pos_std == 0.0 and casa.Config().pos_std == 0.5
+
+
+def test_stem_he_init_draws_the_stem_convs_at_two_over_fan_in_and_nothing_else():
+    """stem_he_init redraws only the vision stem's conv weights (variance 2 / fan_in, He et al.) and
+    zeroes their biases, after every other weight: the rest of the model is bit for bit the model
+    without it. Its point, checked on random images: the image's signal keeps its size through the
+    four conv-GELU-pool stages, where PyTorch's default init shrinks it every stage. An old
+    checkpoint's config (no stem_he_init) rebuilds without it."""
+    models = {}
+    for he in (False, True):
+        torch.manual_seed(0)
+        models[he] = casa.VLM(casa.Config(image_size=64, patch_size=16, stem_he_init=he))
+    states = {he: m.state_dict() for he, m in models.items()}
+    convs = [name for name, m in models[True].named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(name.startswith("vision.stem.") for name in convs)
+    for name, w in states[False].items():
+        if name.rsplit(".", 1)[0] in convs:
+            drawn = states[True][name]
+            if name.endswith("bias"):
+                assert not drawn.any()
+            else:
+                fan_in = w[0].numel()  # c_in * 3 * 3
+                assert abs(drawn.std().item() / (2 / fan_in) ** 0.5 - 1) < 0.1
+                assert drawn.std() > 2 * w.std()  # PyTorch's default: a third of the variance
+        else:
+            assert torch.equal(w, states[True][name]), name
+    torch.manual_seed(1)
+    x = torch.rand(16, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        out = {he: m.vision.stem(x) for he, m in models.items()}
+    assert out[True].std() > 0.3 and out[False].std() < 0.1  # measured 0.9 and 0.01 on scenes images
+    assert casa.Config(**casa.checkpoint_config({})).stem_he_init is False and casa.Config().stem_he_init is True
 
 
 def test_checkpoints_and_state_dicts(tmp_path):
