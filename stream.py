@@ -289,7 +289,9 @@ def live_stream(s, model, tok, dev, frames, prompts, refs, fps, desc):
         new, _, _ = one_turn(model, ids, frame[None].to(dev), cache, s.max_new_tokens, s.temperature,
                              s.top_k or None, stop)
         ready = time.perf_counter() - start
-        text = tok.decode([t for t in new if t != stop]).replace("\n", " ")  # the cache also holds <|endoftext|>
+        # one line per frame, whatever line breaks (\n, \r, \x0c...) an untrained model writes; the
+        # cache also holds <|endoftext|>
+        text = " ".join(tok.decode([t for t in new if t != stop]).splitlines())
         delays.append(ready - arrival)
         ref = ""
         if refs is not None:
