@@ -267,11 +267,12 @@ class Config:
     # models trained before it existed
     pos_std: float = 0.5
     # draw the stem's conv weights as He et al. (2015) do for ReLU-like activations, N(0, 2 / fan_in),
-    # biases 0. PyTorch's default draws a third of that variance, and the image's signal shrinks ~3x
-    # a conv-GELU-pool stage; trained alone on one small shape's name, the encoder then sat at chance
-    # for 600 steps at two seeds of three, and with this init left it by step 300-400 at all three
-    # (docs/recipe.md). False: the models trained before it existed
-    stem_he_init: bool = True
+    # biases 0. PyTorch's default (False) draws a third of that variance, and the image's signal
+    # shrinks ~3x a conv-GELU-pool stage; trained alone on one small shape's name, the encoder then
+    # sat at chance for 600 steps at two seeds of three, and with this init left it by step 360-480 at
+    # all three. Off by default: in the VLM it helped `ca` at one seed and cost insertion 0.08-0.10
+    # on a relations set at two (docs/recipe.md)
+    stem_he_init: bool = False
     # initialisation of the text side (embeddings, attention, MLPs, fusion): weights ~ N(0, init_std^2),
     # residual projections scaled down by sqrt(2 n_layer); 0: 1/sqrt(n_embd) (GPT-2 uses 0.02)
     init_std: float = 0.0
@@ -788,8 +789,8 @@ class VLM(nn.Module):
         # GPT-2's 0.02 suits a 768-wide model: trained from scratch at 128, it learns question logic
         # several times slower, docs/recipe.md), residual projections scaled down as in GPT-2. The
         # vision encoder keeps PyTorch's default init (about 1/sqrt(fan_in)): it learns several times
-        # faster with it than at std 0.02 (experiments/vision_probe.py); its conv stem gets He's
-        # (config.stem_he_init, below)
+        # faster with it than at std 0.02 (experiments/vision_probe.py); its conv stem He's if
+        # config.stem_he_init (below)
         std = config.init_std or config.n_embd**-0.5
         for module in (self.wte, self.blocks, self.compress):
             if module is not None:

@@ -872,8 +872,7 @@ def test_pos_std_draws_the_position_embeddings_and_nothing_else():
     models = {}
     for pos_std in (0.0, 0.5):
         torch.manual_seed(0)
-        config = casa.Config(image_size=64, patch_size=8, pos_std=pos_std, stem_he_init=False)  # drawn after pos
-        models[pos_std] = casa.VLM(config).state_dict()
+        models[pos_std] = casa.VLM(casa.Config(image_size=64, patch_size=8, pos_std=pos_std)).state_dict()
     pos = ("vision.row_emb", "vision.col_emb")
     for name, w in models[0.0].items():
         if name in pos:
@@ -915,7 +914,7 @@ def test_stem_he_init_draws_the_stem_convs_at_two_over_fan_in_and_nothing_else()
     with torch.no_grad():
         out = {he: m.vision.stem(x) for he, m in models.items()}
     assert out[True].std() > 0.3 and out[False].std() < 0.1  # measured 0.9 and 0.01 on scenes images
-    assert casa.Config(**casa.checkpoint_config({})).stem_he_init is False and casa.Config().stem_he_init is True
+    assert casa.Config(**casa.checkpoint_config({})).stem_he_init is False
 
 
 def test_checkpoints_and_state_dicts(tmp_path):
