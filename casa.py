@@ -1080,7 +1080,7 @@ CHECKPOINT_LIMITS = dict(block_size=1 << 20, vocab_size=1 << 20, n_layer=1024, n
 def checkpoint_config(saved):
     """A checkpoint's config as Config's keywords: settings added since it was saved take the value
     that reproduces the model it was saved from (not today's default)."""
-    return {"stem_norm": False, "pos_std": 0.0, "stem_he_init": False, **saved}
+    return {"stem_norm": False, "pos_std": 0.0, **saved}
 
 
 def load_checkpoint(path, device="cpu"):
