@@ -45,7 +45,8 @@ except ImportError:  # Windows: runs are not locked
 
 import casa
 import configurator
-from data.loader import Dataset, answer, eval_batches, resolve_dataset, score, text_tokens, typical_image_side
+from data.loader import (Dataset, answer, eval_batches, resolve_dataset, score, shift_images, text_tokens,
+                         typical_image_side)
 
 # -----------------------------------------------------------------------------
 # settings; every one can be overridden on the command line as --name=value
@@ -91,6 +92,8 @@ vision_pretrain_iters = -1  # stage 1: steps of label-free pretraining of the vi
 #                              0: off; -1: a fifth of max_iters, at least min_iters (a fresh run with images)
 vision_pretrain_lr = 1e-3
 vision_pretrain_batch = 32  # images per stage-1 step
+augment_shift = 0.0625  # training images move by up to this fraction of their side each way (4 px at 64;
+#                        edges repeated): without it small sets are memorised, not learned (docs/recipe.md); 0: off
 lr_new = 1e-3  # adaptation (init_from): parameters that are new (CA layers)...
 lr_pretrained = 1e-4  # ...and those copied from the checkpoint (the paper: 1e-4 and 1e-5 at 2-3B scale)
 warmup_iters = 100
@@ -126,6 +129,7 @@ RANGES = {  # of every number setting, checked in one place (below); [ ] include
     "seed": f"[0, {2**32 - 1024}]",  # numpy's seeds (seed + rank) are 32-bit
     "learning_rate muon_lr vision_pretrain_lr lr_new lr_pretrained": "(0, inf)",
     "epochs weight_decay grad_clip init_std pos_std": "[0, inf)",
+    "augment_shift": "[0, 0.5]",
     "dropout beta1 beta2": "[0, 1)",
     "min_lr_frac": "[0, 1]",
     "threads": "[0, 1024]",
@@ -209,6 +213,7 @@ if asked["resume"]:
              if k in SETTINGS and k not in ("resume", "overwrite", "out_dir", "device", "compile", "threads")}
     saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
     saved.setdefault("questions_per_image", 1)  # one question per picture drawn
+    saved.setdefault("augment_shift", 0.0)  # images as they are
     saved.setdefault("stem_norm", False)  # and had no stem norm
     saved.setdefault("pos_std", 0.0)  # and zero position embeddings at init
     saved.setdefault("stem_he_init", False)  # and PyTorch's default init for the stem's convs
@@ -384,6 +389,8 @@ try:
 except (OSError, ValueError) as e:  # DataError is a ValueError: it names the file and line
     fail(e)
 tokenizer = train_data.tokenizer
+several_images = any(len(s.images) > 1 for s in train_data.samples)  # frames of a clip move together
+shift_px = round(augment_shift * config.image_size)  # the augmentation's largest move, in pixels
 log(f"dataset {data_dir}: {len(train_data)} train / {len(val_data)} val samples, tasks: "
     f"{', '.join(t or '-' for t in val_data.tasks)}{' (BLIND: images blanked)' if blind else ''} "
     f"[{time.time() - t0:.1f}s]")
@@ -394,7 +401,11 @@ if max_iters == 0:  # the budget follows the data: passes over the training samp
         f"the training set (--epochs={epochs:g}, at least --min_iters={min_iters}; --max_iters to set it)")
 if questions_per_image > 1 and train_data.most_per_image > 1:
     log(f"batches: up to {questions_per_image} questions about each picture drawn ({train_data.per_image:.1f} a picture in "
-        f"the data), the picture encoded once for all of them (--questions_per_image=1: one question a picture)")
+        f"the data), the picture encoded once for all of them (--questions_per_image=1: one question a picture)"
+        f"{'; question kinds balanced (--balance_kinds=False: as the data has them)' if balance_kinds else ''}")
+if shift_px and not blind:
+    log(f"augmentation: training images move by up to {shift_px} px each way (--augment_shift={augment_shift:g} of "
+        f"their side; 0: off)")
 if vision_pretrain_iters < 0:  # stage 1 follows the budget
     vision_pretrain_iters = args["vision_pretrain_iters"] = 0 if init_from or blind else max(min_iters, max_iters // 5)
     if vision_pretrain_iters:
@@ -735,7 +746,7 @@ def pretrain_vision(iters):
         for g in opt.param_groups:  # linear warm-up, then constant
             g["lr"] = vision_pretrain_lr * min(1.0, (it + 1) / min(50, iters))
         pick = torch.randint(len(images), (vision_pretrain_batch,), generator=data_rng)
-        x = images[pick].to(device).float() / 255
+        x = shift_images(images[pick].float() / 255, shift_px, data_rng).to(device)
         with autocast:
             redrawn = decoder(raw_model.vision(x))  # (M, 3, S, S) in the encoder's input scale, [-1, 1]
         loss = F.mse_loss(redrawn.float(), x * 2 - 1)
@@ -797,7 +808,8 @@ while step < max_iters:
                                                                  questions_per_image)
         tokens += text_tokens(targets)
         idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        images = None if images is None else images.to(device, non_blocking=True)
+        if images is not None:  # moved a little (augment_shift), the frames of one clip alike
+            images = shift_images(images, shift_px, data_rng, same=several_images).to(device, non_blocking=True)
         image_index = None if image_index is None else image_index.to(device, non_blocking=True)
         sync_ctx = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
         with sync_ctx, autocast:

@@ -34,6 +34,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 import casa
 
@@ -337,6 +338,9 @@ class Dataset:
         for i, key in enumerate(keys):
             by_images.setdefault(key, []).append(i)
         self.same_images = [by_images[key] for key in keys]  # per sample, its group
+        order = {key: j for j, key in enumerate(by_images)}
+        self.picture = torch.tensor([order[key] for key in keys], dtype=torch.long)  # per sample, its group's number
+        self._balanced_draw = (None, None, None)  # draw_groups': (weights, draw, keep_p)
         self.most_per_image = max(map(len, by_images.values()), default=0)
         self.per_image = len(self.samples) / max(1, len(by_images))  # samples a picture, on average
         self._images = {}  # path -> (3, S, S) uint8
@@ -412,25 +416,38 @@ class Dataset:
 
     def draw_groups(self, batch_size, generator, weights=None, per_image=1):
         """The rows of a random batch (with replacement), drawn from `generator` (reproducible,
-        resumable), as a list of groups: each group a sample drawn by `weights` (kind_weights(); None:
-        all alike) and up to per_image - 1 other samples with the same images (other questions about
-        the same picture, none twice, as likely as their weights say); batch_size rows in all."""
+        resumable), as a list of groups, batch_size rows in all. per_image 1: samples drawn by
+        `weights` (kind_weights(); None: all alike). Else each group is up to per_image questions about
+        one picture (samples with the same images), none twice, each question as often in the long run
+        as its weight says."""
         if per_image <= 1 or self.most_per_image == 1:  # one question per picture: a plain draw
             if weights is None:
                 rows = torch.randint(len(self.samples), (batch_size,), generator=generator)
             else:
                 rows = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
             return [[r] for r in rows.tolist()]
-        if weights is None:
-            weights = torch.ones(len(self.samples), dtype=torch.float64)
+        if weights is None:  # every question as likely: a picture's questions, up to per_image of them
+            draw, keep_p = torch.ones(len(self.samples), dtype=torch.float64), None
+        else:  # kinds balanced although a picture's questions come together: a picture is drawn as
+            # likely as its highest weight, then each of its questions kept with its weight over that
+            # highest (so it is asked as often as its weight says; the highest is always kept)
+            if self._balanced_draw[0] is not weights:  # worked out once for the weights of a run
+                highest = torch.zeros(int(self.picture.max()) + 1, dtype=torch.float64).scatter_reduce(
+                    0, self.picture, weights, "amax")[self.picture]  # (samples,)
+                size = torch.bincount(self.picture)[self.picture]  # (samples,): its picture's questions
+                self._balanced_draw = (weights, highest / size, weights / highest)
+            _, draw, keep_p = self._balanced_draw
         groups, n = [], 0
-        while n < batch_size:
-            first = int(torch.multinomial(weights, 1, generator=generator))
-            others = [i for i in self.same_images[first] if i != first]
-            k = min(per_image - 1, batch_size - n - 1, len(others))
-            pick = torch.multinomial(weights[others], k, generator=generator).tolist() if k > 0 else []
-            groups.append([first] + [others[j] for j in pick])
-            n += len(groups[-1])
+        picks = iter(torch.multinomial(draw, batch_size, replacement=True, generator=generator).tolist())
+        while n < batch_size:  # each group has a question at least, so batch_size picks are enough
+            group = self.same_images[next(picks)]
+            if keep_p is not None:
+                keep = torch.rand(len(group), generator=generator, dtype=torch.float64) < keep_p[group]
+                group = [i for i, kept in zip(group, keep.tolist()) if kept]
+            k = min(per_image, batch_size - n, len(group))  # a random k of them, in a random order
+            group = [group[j] for j in torch.randperm(len(group), generator=generator)[:k].tolist()]
+            groups.append(group)
+            n += len(group)
         return groups
 
     def get_batch(self, batch_size, generator, weights=None, per_image=1):
@@ -529,6 +546,21 @@ def shuffle_images(images, generator):
     """images (M, ...) reordered so that none stays where it was (M > 1): one random cycle."""
     perm = torch.randperm(images.size(0), generator=generator)  # position perm[i] gets image perm[i+1]
     return images[perm.roll(-1)[torch.argsort(perm)]]
+
+
+def shift_images(images, max_shift, generator, same=False):
+    """Training augmentation: each image (M, 3, S, S) moved by a random whole number of pixels, up to
+    max_shift each way, its edge pixels repeated into the gap (no object is copied in, as mirroring
+    would); same: all images by one shift (the frames of one clip, so motion stays as it was).
+    Small datasets are memorised, not learned, without it (docs/recipe.md)."""
+    p, S = max_shift, images.size(-1)
+    if p == 0:
+        return images
+    padded = F.pad(images, (p, p, p, p), mode="replicate")  # (M, 3, S + 2p, S + 2p)
+    d = torch.randint(2 * p + 1, (1 if same else len(images), 2), generator=generator).tolist()
+    if same:
+        d = d * len(images)
+    return torch.stack([img[:, dy : dy + S, dx : dx + S] for img, (dy, dx) in zip(padded, d)])
 
 
 @torch.no_grad()

@@ -84,8 +84,8 @@ def jobs_for(tasks, models, seeds, n_layer, iters, root="runs/table5"):
         budget = dict(max_iters=iters[task], eval_interval=max(1, iters[task] // 10), num_show=0, n_layer=n_layer)
         # train.py's recipe as the first runs of this table had it: a fifth of the steps of vision stage
         # (no floor yet; none for blind, which has no images) and zero-initialised position embeddings
-        # (no pos_std yet), one question a picture drawn, so that seeds run later match them
-        budget.update(pos_std=0.0, questions_per_image=1)
+        # (no pos_std yet), one question a picture drawn, images not moved, so that seeds run later match them
+        budget.update(pos_std=0.0, questions_per_image=1, augment_shift=0)
         for model in models:
             for seed in seeds:
                 settings = dict(dataset=task, **image_settings(task), **model_settings(model, task), **budget, seed=seed)

@@ -11,7 +11,8 @@ from conftest import write_tiny_dataset
 from PIL import Image
 
 import casa
-from data.loader import DataError, Dataset, eval_batches, load_image, resolve_dataset, text_tokens, typical_image_side
+from data.loader import (DataError, Dataset, eval_batches, load_image, resolve_dataset, shift_images, text_tokens,
+                         typical_image_side)
 
 S = 16
 TOK = casa.get_tokenizer()
@@ -260,3 +261,48 @@ def test_load_image(tmp_path):
     x = load_image(rgba, 16)
     want = (torch.tensor([255, 0, 102]) * 10 + 255 * 245) / 255 / 255
     torch.testing.assert_close(x[:, 3, 5], want, atol=1 / 255, rtol=0)
+
+
+def test_balanced_groups_even_out_the_kinds_a_picture_asks(tmp_path):
+    # every picture asks one "what shape" and five "is there" questions: drawn a picture's questions
+    # at a time with kind weights, the batch still holds the two kinds about equally often
+    lines = []
+    for p in range(12):
+        Image.new("RGB", (8, 8), (20 * p, 0, 0)).save(tmp_path / f"p{p}.png")
+        lines.append({"image": f"p{p}.png", "prompt": f"what shape is thing {p}?", "answer": "circle"})
+        lines += [{"image": f"p{p}.png", "prompt": f"is there a thing {p} {i}?", "answer": "yes"} for i in range(5)]
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ds = Dataset(str(tmp_path), "train", S)
+    is_shape = ["what shape" in s.turns[0][0] for s in ds.samples]
+    gen = torch.Generator().manual_seed(0)
+
+    def shape_share(weights):
+        rows = [i for _ in range(300) for g in ds.draw_groups(16, gen, weights, per_image=6) for i in g]
+        return sum(is_shape[i] for i in rows) / len(rows)
+
+    assert 0.44 < shape_share(ds.kind_weights()) < 0.56
+    assert 0.14 < shape_share(None) < 0.20  # unweighted: the pictures' own mix, 1 in 6
+
+
+def test_shift_images_moves_each_image_and_repeats_its_edges():
+    # an independent reference: pixel (y, x) of the shifted image is the original's at (y + dy - p,
+    # x + dx - p), clamped into the image, for one (dy, dx) in [0, 2p]^2 per image
+    p, S = 3, 8
+    images = torch.rand(6, 3, S, S)
+    out = shift_images(images, p, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    ys = torch.arange(S)
+
+    def shifted(img, dy, dx):
+        rows, cols = (ys + dy - p).clamp(0, S - 1), (ys + dx - p).clamp(0, S - 1)
+        return img[:, rows][:, :, cols]
+
+    found = [[(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+              if torch.equal(out[i], shifted(images[i], dy, dx))] for i in range(len(images))]
+    assert all(len(f) == 1 for f in found)
+    assert len({f[0] for f in found}) > 1  # images move by different amounts
+    # same=True: one shift for all (the frames of a clip); 0: the images as they were
+    same = shift_images(images[:1].expand(4, -1, -1, -1), p, torch.Generator().manual_seed(1), same=True)
+    assert all(torch.equal(same[0], s) for s in same) and not torch.equal(same[0], images[0])
+    assert shift_images(images, 0, torch.Generator()) is images
