@@ -45,8 +45,8 @@ except ImportError:  # Windows: runs are not locked
 
 import casa
 import configurator
-from data.loader import (Dataset, answer, eval_batches, resolve_dataset, score, shift_images, text_tokens,
-                         typical_image_side)
+from data.loader import (Dataset, KindErrors, answer, eval_batches, resolve_dataset, score, shift_images,
+                         text_tokens, typical_image_side)
 
 # -----------------------------------------------------------------------------
 # settings; every one can be overridden on the command line as --name=value
@@ -86,7 +86,9 @@ min_iters = 300  # ...but at least this many steps (a small set needs many passe
 optimizer = "muon"  # muon: Muon for the weight matrices of linear layers, AdamW for the rest; adamw: AdamW for all
 learning_rate = 3e-4  # AdamW's, training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
 muon_lr = 1e-3  # Muon's (its updates scaled to AdamW's size, so the two read alike); adaptation: lr_new, lr_pretrained
-balance_kinds = True  # draw every question kind equally often (data.loader turn_kinds), not as the data has them
+balance_kinds = True  # draw every question kind equally often (data.loader turn_kinds), not as the data has them...
+focus_errors = True  # ...then by how often the model gets each wrong on recent training batches (weight 0.1 + its
+# error rate), so the kinds it has learned give way to those it has not (docs/recipe.md)
 questions_per_image = 10  # a batch takes up to this many questions about each picture it draws, and encodes it once
 vision_pretrain_iters = -1  # stage 1: steps of label-free pretraining of the vision encoder before the VLM;
 #                              0: off; -1: a fifth of max_iters, at least min_iters (a fresh run with images)
@@ -193,6 +195,7 @@ asked = {**{k: globals()[k] for k in SETTINGS}, **cli}  # the defaults with the 
 ckpt_path = os.path.join(asked["out_dir"], "ckpt.pt")
 model = ckpt = src = None
 saved = {}  # resume: the checkpoint's settings
+saved_errors = None  # resume: focus_errors' running error rate of each question kind
 pretrained = set()  # names of parameters copied from a checkpoint (they get lr_pretrained)
 if asked["resume"] and asked["overwrite"]:
     fail("--resume=True continues the run in out_dir, --overwrite=True replaces it: choose one")
@@ -212,6 +215,7 @@ if asked["resume"]:
     saved = {k: v for k, v in ckpt["train_args"].items()
              if k in SETTINGS and k not in ("resume", "overwrite", "out_dir", "device", "compile", "threads")}
     saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
+    saved.setdefault("focus_errors", False)  # and every kind equally
     saved.setdefault("questions_per_image", 1)  # one question per picture drawn
     saved.setdefault("augment_shift", 0.0)  # images as they are
     saved.setdefault("stem_norm", False)  # and had no stem norm
@@ -403,6 +407,9 @@ if questions_per_image > 1 and train_data.most_per_image > 1:
     log(f"batches: up to {questions_per_image} questions about each picture drawn ({train_data.per_image:.1f} a picture in "
         f"the data), the picture encoded once for all of them (--questions_per_image=1: one question a picture)"
         f"{'; question kinds balanced (--balance_kinds=False: as the data has them)' if balance_kinds else ''}")
+if balance_kinds and focus_errors:
+    log("question kinds: drawn by how often the model gets each wrong (0.1 + its error rate on recent training "
+        "batches; --focus_errors=False: all alike)")
 if shift_px and not blind:
     log(f"augmentation: training images move by up to {shift_px} px each way (--augment_shift={augment_shift:g} of "
         f"their side; 0: off)")
@@ -533,6 +540,7 @@ if resume:
         g["base_lr"] = g0["base_lr"]
     step, trained_s = ckpt["step"], ckpt.get("train_s", 0.0)
     walled_s = ckpt.get("wall_s", 0.0)
+    saved_errors = ckpt.get("kind_errors")  # focus_errors' running rates, None before it
     set_rng_state(ckpt["rng"])
     if master:
         records = read_log(log_path) if os.path.exists(log_path) else []
@@ -696,6 +704,7 @@ def save(step, train_s):
             casa.save_checkpoint(ckpt_path, raw_model, optimizer=adamw.state_dict() if adamw else {},
                                  muon=muon.state_dict() if muon else {}, step=step, rng=states,
                                  train_s=train_s, wall_s=walled_s + time.time() - t_start, train_args=args,
+                                 kind_errors=kind_errors.rates.tolist(),
                                  pretrained=sorted(pretrained), dataset_dir=data_dir)
         except OSError as e:  # a full disk says so (casa.save_checkpoint)
             fail(f"checkpoint of step {step} not saved: {e.strerror or e}")
@@ -778,6 +787,12 @@ log(f"matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({dtype}); {flops_pe
     f"trained text token; {world_size} process(es) x batch {batch_size} x {grad_accum} micro-steps; device {device}")
 
 sample_weights = train_data.kind_weights() if balance_kinds else None
+# focus_errors: each kind's running error rate on training batches (teacher-forced: a question counts
+# as right when every answer token is the model's top guess) reweights the draw (data.loader.KindErrors)
+kind_errors = KindErrors(train_data, saved_errors)
+equal_weights = sample_weights
+if balance_kinds and focus_errors:
+    sample_weights = kind_errors.weights(equal_weights)
 stop_signal = 0  # the signal that asked the loop to stop
 
 
@@ -804,8 +819,8 @@ while step < max_iters:
         g["lr"] = g["base_lr"] * frac
     loss_accum, tokens = 0.0, 0
     for micro in range(grad_accum):
-        idx, targets, images, image_index = train_data.get_batch(batch_size, data_rng, sample_weights,
-                                                                 questions_per_image)
+        drawn = train_data.draw_groups(batch_size, data_rng, sample_weights, questions_per_image)
+        idx, targets, images, image_index = train_data.batch_of_groups(drawn)
         tokens += text_tokens(targets)
         idx, targets = idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if images is not None:  # moved a little (augment_shift), the frames of one clip alike
@@ -813,8 +828,12 @@ while step < max_iters:
         image_index = None if image_index is None else image_index.to(device, non_blocking=True)
         sync_ctx = model.no_sync() if ddp and micro < grad_accum - 1 else nullcontext()
         with sync_ctx, autocast:
-            _, loss = model(idx, images, targets, image_index=image_index)
+            logits, loss = model(idx, images, targets, image_index=image_index)
             loss = loss / grad_accum
+        if balance_kinds and focus_errors:
+            right = ((logits.detach().argmax(-1) == targets) | (targets == -1)).all(1)  # (B,)
+            kind_errors.record([r for group in drawn for r in group], right)
+            sample_weights = kind_errors.weights(equal_weights)
         loss.backward()
         loss_accum += loss.item()
     if grad_clip > 0:
@@ -839,7 +858,8 @@ while step < max_iters:
         if master:
             m = evaluate(eval_items or None)
             bar.write(f"step {step}: train_loss={m['train_loss']:.4f} {format_metrics(m)}")
-            write_log({"step": step, "train_s": round(t_eval - t_loop - eval_s, 2), **m})
+            draw = {"kind_share": kind_errors.shares()} if balance_kinds and focus_errors else {}
+            write_log({"step": step, "train_s": round(t_eval - t_loop - eval_s, 2), **m, **draw})
         save(step, t_eval - t_loop - eval_s)
         t_last = time.time()  # evaluation time is not training time
         eval_s += t_last - t_eval

@@ -456,7 +456,12 @@ class Dataset:
         per marker, as batch() gives), None. Else every image is in the batch once: idx, targets,
         images (K, 3, S, S), image_index (M,) (marker m of idx shows images[image_index[m]]), so the
         model encodes a picture once for all its questions."""
-        groups = self.draw_groups(batch_size, generator, weights, per_image)
+        return self.batch_of_groups(self.draw_groups(batch_size, generator, weights, per_image))
+
+    def batch_of_groups(self, groups):
+        """The batch of draw_groups' groups, as get_batch returns it (train.py draws the groups itself:
+        it keeps their rows to score each question kind)."""
+        batch_size = sum(len(group) for group in groups)
         rows = [r for group in groups for r in group]
         if len(groups) == batch_size:  # one question per picture drawn
             return (*self.batch(rows), None)
@@ -540,6 +545,51 @@ def turn_kinds(samples):
             labels.append(": ".join(x for x in (s.task, kind) if x) or "all")
         out.append(labels)
     return out
+
+
+class KindErrors:
+    """Each question kind's running error rate on training batches (train.py's --focus_errors), and
+    the draw that follows it: a kind comes as often as 0.1 + its rate, so the kinds a model already
+    answers give way to those it does not (a kind at chance keeps drawing; one never answered draws
+    at most 11 times as often as one always answered). rates: a resumed run's, else 1.0 (all wrong)."""
+
+    def __init__(self, dataset, rates=None):
+        self.kinds = sorted({k for ks in dataset.turn_kinds for k in ks})
+        index = {k: j for j, k in enumerate(self.kinds)}
+        # one entry per turn: its sample, its kind, 1 / its sample's turns (kind_weights counts alike)
+        turns = [(i, index[k], 1 / len(ks)) for i, ks in enumerate(dataset.turn_kinds) for k in ks]
+        self.sample = torch.tensor([t[0] for t in turns], dtype=torch.long)  # (E,)
+        self.kind = torch.tensor([t[1] for t in turns], dtype=torch.long)  # (E,)
+        self.share = torch.tensor([t[2] for t in turns], dtype=torch.float64)  # (E,)
+        self.n_samples = len(dataset.samples)
+        fits = (isinstance(rates, list) and len(rates) == len(self.kinds)
+                and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rates))
+        self.rates = torch.tensor(rates if fits else [1.0] * len(self.kinds), dtype=torch.float64).clamp(0, 1)
+
+    def record(self, rows, right):
+        """rows: the batch's sample indices; right (B,) bool: each row answered right. Each question
+        moves its kind's rate about 1% of the way to its own outcome (a sample drawn twice counts once)."""
+        row_of = {r: j for j, r in enumerate(rows)}
+        at = torch.isin(self.sample, torch.tensor(rows, dtype=torch.long))  # the turns of the drawn samples
+        row = torch.tensor([row_of[i] for i in self.sample[at].tolist()], dtype=torch.long)  # each turn's row
+        wrong_turn = 1 - right.double().cpu()[row]
+        kind, share = self.kind[at], self.share[at]
+        n = torch.zeros(len(self.kinds), dtype=torch.float64).index_add_(0, kind, share)
+        wrong = torch.zeros(len(self.kinds), dtype=torch.float64).index_add_(0, kind, share * wrong_turn)
+        seen = n > 0
+        self.rates[seen] += (1 - 0.99 ** n[seen]) * (wrong[seen] / n[seen] - self.rates[seen])
+
+    def weights(self, equal_weights):
+        """Sample weights for the draw: equal_weights (kind_weights: every kind alike) times each
+        sample's factor, 0.1 + its kind's rate (a sample of several turns: the mean over them)."""
+        factor = torch.zeros(self.n_samples, dtype=torch.float64).index_add_(
+            0, self.sample, self.share * (0.1 + self.rates)[self.kind])  # (samples,)
+        return equal_weights * factor
+
+    def shares(self):
+        """Each kind's expected share of a batch under weights(), as a dict."""
+        w = 0.1 + self.rates
+        return {k: round(float(x), 3) for k, x in zip(self.kinds, w / w.sum())}
 
 
 def shuffle_images(images, generator):

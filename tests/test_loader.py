@@ -11,7 +11,7 @@ from conftest import write_tiny_dataset
 from PIL import Image
 
 import casa
-from data.loader import (DataError, Dataset, eval_batches, load_image, resolve_dataset, shift_images, text_tokens,
+from data.loader import (DataError, Dataset, KindErrors, eval_batches, load_image, resolve_dataset, shift_images, text_tokens,
                          typical_image_side)
 
 S = 16
@@ -283,6 +283,39 @@ def test_balanced_groups_even_out_the_kinds_a_picture_asks(tmp_path):
 
     assert 0.44 < shape_share(ds.kind_weights()) < 0.56
     assert 0.14 < shape_share(None) < 0.20  # unweighted: the pictures' own mix, 1 in 6
+
+
+def test_kind_errors_draw_the_kinds_answered_wrong_more_often(tmp_path):
+    # two kinds, three questions a picture each way; the model answers every "is there" right and
+    # every "what shape" wrong: the rates move towards 0 and 1 about 1% a question, and the draw
+    # (kinds balanced, then 0.1 + rate) comes to hold shape questions about 11 times as often
+    lines = []
+    for p in range(10):
+        Image.new("RGB", (8, 8), (20 * p, 0, 0)).save(tmp_path / f"p{p}.png")
+        lines += [{"image": f"p{p}.png", "prompt": f"what shape is thing {p} {i}?", "answer": "circle"} for i in range(3)]
+        lines += [{"image": f"p{p}.png", "prompt": f"is there a thing {p} {i}?", "answer": "yes"} for i in range(3)]
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ds = Dataset(str(tmp_path), "train", S)
+    is_shape = torch.tensor(["what shape" in s.turns[0][0] for s in ds.samples])
+    errors = KindErrors(ds)
+    assert [k[:10] for k in errors.kinds] == ["is there _", "what shape"] and errors.rates.tolist() == [1.0, 1.0]
+    equal = ds.kind_weights()
+    assert torch.allclose(errors.weights(equal), equal * 1.1)  # all wrong: every kind alike
+    rows = [0, 3, 3, 4]  # a sample drawn twice counts once: 1 shape and 2 "is there" questions here
+    errors.record(rows, ~is_shape[rows])
+    assert torch.allclose(errors.rates, torch.tensor([1 - (1 - 0.99**2), 1.0], dtype=torch.float64))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):  # the draw follows the rates as they move
+        drawn = [r for g in ds.draw_groups(12, gen, errors.weights(equal), per_image=6) for r in g]
+        errors.record(drawn, ~is_shape[drawn])
+    assert errors.rates[0] < 0.01 and errors.rates[1] == 1.0
+    drawn = [r for _ in range(200) for g in ds.draw_groups(12, gen, errors.weights(equal), per_image=6) for r in g]
+    share = is_shape[drawn].double().mean().item()
+    assert 0.88 < share < 0.94  # 1.1 / (1.1 + 0.1) = 0.917
+    assert KindErrors(ds, [0.5, 0.25]).rates.tolist() == [0.5, 0.25]  # a resumed run's rates
+    assert KindErrors(ds, [0.5]).rates.tolist() == [1.0, 1.0]  # rates of another dataset: ignored
+    assert KindErrors(ds, ["x", None]).rates.tolist() == [1.0, 1.0]  # and a damaged checkpoint's
 
 
 def test_shift_images_moves_each_image_and_repeats_its_edges():

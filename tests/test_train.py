@@ -68,6 +68,10 @@ def test_run_logs_metrics_and_final_line(base):
     assert ck["step"] == 8 and ck["config"]["variant"] == "ca" and ck["train_args"]["max_iters"] == 8
     assert {"model", "optimizer", "rng", "train_args", "dataset_dir"} <= set(ck)
     assert {"python", "numpy", "torch", "data"} <= set(ck["rng"][0])
+    # focus_errors: a running error rate per question kind, kept for resuming; each eval logs the draw
+    assert len(ck["kind_errors"]) >= 2 and all(0 <= e <= 1 for e in ck["kind_errors"])
+    shares = [x["kind_share"] for x in evals if not x.get("final")]
+    assert shares and all(len(s) == len(ck["kind_errors"]) and sum(s.values()) == pytest.approx(1, abs=0.01) for s in shares)
     # the default optimizer: Muon holds a state for each linear layer's weight matrix, AdamW for the rest
     model = casa.VLM(casa.Config(**casa.checkpoint_config(ck["config"])))
     n_matrices = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1  # the head is the embedding
