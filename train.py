@@ -87,8 +87,10 @@ optimizer = "muon"  # muon: Muon for the weight matrices of linear layers, AdamW
 learning_rate = 3e-4  # AdamW's, training from scratch (3e-3 and 1e-3 learn colour, then stall on shape)
 muon_lr = 1e-3  # Muon's (its updates scaled to AdamW's size, so the two read alike); adaptation: lr_new, lr_pretrained
 balance_kinds = True  # draw every question kind equally often (data.loader turn_kinds), not as the data has them...
-focus_errors = True  # ...then by how often the model gets each wrong on recent training batches (weight 0.1 + its
-# error rate), so the kinds it has learned give way to those it has not (docs/recipe.md)
+focus_errors = True  # ...then by how often the model gets each wrong on recent training batches, so the kinds
+# it has learned give way to those it has not (docs/recipe.md)...
+focus_hardest = False  # ...True: the kind furthest from learned, against its own answer prior, drawn most (a yes/no
+# kind at chance before a half-learned five-way one); False: weight 0.1 + its error rate (docs/recipe.md)
 questions_per_image = 10  # a batch takes up to this many questions about each picture it draws, and encodes it once
 vision_pretrain_iters = -1  # stage 1: steps of label-free pretraining of the vision encoder before the VLM;
 #                              0: off; -1: a fifth of max_iters, at least min_iters (a fresh run with images)
@@ -216,6 +218,7 @@ if asked["resume"]:
              if k in SETTINGS and k not in ("resume", "overwrite", "out_dir", "device", "compile", "threads")}
     saved.setdefault("balance_kinds", False)  # a checkpoint from before the setting drew plainly
     saved.setdefault("focus_errors", False)  # and every kind equally
+    saved.setdefault("focus_hardest", False)  # by 0.1 + each kind's error rate when it did
     saved.setdefault("questions_per_image", 1)  # one question per picture drawn
     saved.setdefault("augment_shift", 0.0)  # images as they are
     saved.setdefault("stem_norm", False)  # and had no stem norm
@@ -407,7 +410,10 @@ if questions_per_image > 1 and train_data.most_per_image > 1:
     log(f"batches: up to {questions_per_image} questions about each picture drawn ({train_data.per_image:.1f} a picture in "
         f"the data), the picture encoded once for all of them (--questions_per_image=1: one question a picture)"
         f"{'; question kinds balanced (--balance_kinds=False: as the data has them)' if balance_kinds else ''}")
-if balance_kinds and focus_errors:
+if balance_kinds and focus_errors and focus_hardest:
+    log("question kinds: drawn by how far each is from learned on recent training batches (its error rate against "
+        "its answer prior's), the furthest most (--focus_hardest=False: 0.1 + its error rate; --focus_errors=False: all alike)")
+elif balance_kinds and focus_errors:
     log("question kinds: drawn by how often the model gets each wrong (0.1 + its error rate on recent training "
         "batches; --focus_errors=False: all alike)")
 if shift_px and not blind:
@@ -789,7 +795,7 @@ log(f"matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({dtype}); {flops_pe
 sample_weights = train_data.kind_weights() if balance_kinds else None
 # focus_errors: each kind's running error rate on training batches (teacher-forced: a question counts
 # as right when every answer token is the model's top guess) reweights the draw (data.loader.KindErrors)
-kind_errors = KindErrors(train_data, saved_errors)
+kind_errors = KindErrors(train_data, saved_errors, hardest=focus_hardest)
 equal_weights = sample_weights
 if balance_kinds and focus_errors:
     sample_weights = kind_errors.weights(equal_weights)

@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -549,11 +550,14 @@ def turn_kinds(samples):
 
 class KindErrors:
     """Each question kind's running error rate on training batches (train.py's --focus_errors), and
-    the draw that follows it: a kind comes as often as 0.1 + its rate, so the kinds a model already
-    answers give way to those it does not (a kind at chance keeps drawing; one never answered draws
-    at most 11 times as often as one always answered). rates: a resumed run's, else 1.0 (all wrong)."""
+    the draw that follows it, so the kinds a model already answers give way to those it does not: a
+    kind comes as often as 0.1 + its rate, or with hardest (--focus_hardest) the kind furthest from
+    learned, each judged against its own answer prior, comes most (factors()). Either way one never
+    answered draws at most 11 times as often as one always answered. rates: a resumed run's, else 1.0
+    (all wrong)."""
 
-    def __init__(self, dataset, rates=None):
+    def __init__(self, dataset, rates=None, hardest=False):
+        self.hardest = hardest
         self.kinds = sorted({k for ks in dataset.turn_kinds for k in ks})
         index = {k: j for j, k in enumerate(self.kinds)}
         # one entry per turn: its sample, its kind, 1 / its sample's turns (kind_weights counts alike)
@@ -565,6 +569,13 @@ class KindErrors:
         fits = (isinstance(rates, list) and len(rates) == len(self.kinds)
                 and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rates))
         self.rates = torch.tensor(rates if fits else [1.0] * len(self.kinds), dtype=torch.float64).clamp(0, 1)
+        # each kind's error when it is always given its most common training answer: the answer prior's
+        answers = {k: Counter() for k in self.kinds}
+        for s, ks in zip(dataset.samples, dataset.turn_kinds):
+            for (_, a), k in zip(s.turns, ks):
+                answers[k][a] += 1
+        self.prior_error = torch.tensor([1 - max(c.values()) / sum(c.values()) for c in answers.values()],
+                                        dtype=torch.float64)  # (kinds,)
 
     def record(self, rows, right):
         """rows: the batch's sample indices; right (B,) bool: each row answered right. Each question
@@ -579,16 +590,28 @@ class KindErrors:
         seen = n > 0
         self.rates[seen] += (1 - 0.99 ** n[seen]) * (wrong[seen] / n[seen] - self.rates[seen])
 
+    def factors(self):
+        """Each kind's draw factor, (kinds,). hardest: a kind's standing is its error rate over its
+        prior's (1: no better than always giving its most common answer, 0: all right; the prior's
+        error floored at 0.05), and it draws 0.1 + exp(-(how far it stands ahead of the hardest kind)
+        / 0.1): the hardest 1.1, one 0.1 ahead of it 0.47, 0.3 ahead 0.15, the learned 0.1. So a yes/no
+        kind stuck at chance comes before a five-way kind that is half learned although its error
+        rate is lower, and every kind alike while all are at their prior. Else 0.1 + its error rate."""
+        if not self.hardest:
+            return 0.1 + self.rates
+        standing = (self.rates / self.prior_error.clamp(min=0.05)).clamp(0, 1)
+        return 0.1 + torch.exp((standing - standing.max()) / 0.1)
+
     def weights(self, equal_weights):
         """Sample weights for the draw: equal_weights (kind_weights: every kind alike) times each
-        sample's factor, 0.1 + its kind's rate (a sample of several turns: the mean over them)."""
+        sample's factor, its kind's (a sample of several turns: the mean over them)."""
         factor = torch.zeros(self.n_samples, dtype=torch.float64).index_add_(
-            0, self.sample, self.share * (0.1 + self.rates)[self.kind])  # (samples,)
+            0, self.sample, self.share * self.factors()[self.kind])  # (samples,)
         return equal_weights * factor
 
     def shares(self):
         """Each kind's expected share of a batch under weights(), as a dict."""
-        w = 0.1 + self.rates
+        w = self.factors()
         return {k: round(float(x), 3) for k, x in zip(self.kinds, w / w.sum())}
 
 

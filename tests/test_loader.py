@@ -1,6 +1,7 @@
 """data/loader.py: format errors name file:line; tokenization puts the loss on answers only; the
 lone-image marker goes first; batches pad correctly and are reproducible; eval prompts; auto-prepare."""
 
+import math
 import json
 import os
 import re
@@ -316,6 +317,37 @@ def test_kind_errors_draw_the_kinds_answered_wrong_more_often(tmp_path):
     assert KindErrors(ds, [0.5, 0.25]).rates.tolist() == [0.5, 0.25]  # a resumed run's rates
     assert KindErrors(ds, [0.5]).rates.tolist() == [1.0, 1.0]  # rates of another dataset: ignored
     assert KindErrors(ds, ["x", None]).rates.tolist() == [1.0, 1.0]  # and a damaged checkpoint's
+
+
+def test_kind_errors_draw_the_kind_furthest_from_its_prior_most(tmp_path):
+    # a yes/no kind (half yes: its prior's error 0.5) and a five-way kind (one answer in 5: 0.8). At
+    # error rates 0.5 and 0.4 the yes/no kind is still at its prior while the other is half learned,
+    # although its error is lower: drawn by standing, the yes/no kind comes 1.1 : 0.1 + e^-5; drawn by
+    # 0.1 + rate (focus_hardest=False), only 0.6 : 0.5
+    lines = []
+    for p in range(20):
+        Image.new("RGB", (8, 8), (10 * p, 0, 0)).save(tmp_path / f"p{p}.png")
+        lines.append({"image": f"p{p}.png", "prompt": "is it left?", "answer": "yes" if p % 2 else "no"})
+        lines.append({"image": f"p{p}.png", "prompt": "what shape?", "answer": "abcde"[p % 5]})
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ds = Dataset(str(tmp_path), "train", S)
+    errors = KindErrors(ds, hardest=True)
+    assert errors.kinds == ["is it left?", "what shape?"]
+    assert errors.prior_error.tolist() == pytest.approx([0.5, 0.8])
+    assert errors.shares() == {"is it left?": 0.5, "what shape?": 0.5}  # all wrong: alike
+    errors.rates = torch.tensor([0.5, 0.8], dtype=torch.float64)  # both at their prior: alike
+    assert errors.shares() == {"is it left?": 0.5, "what shape?": 0.5}
+    errors.rates = torch.tensor([0.5, 0.4], dtype=torch.float64)
+    hardest = 1.1 / (1.1 + 0.1 + math.exp(-5))
+    assert errors.shares()["is it left?"] == pytest.approx(hardest, abs=1e-3)
+    is_left = torch.tensor(["left" in s.turns[0][0] for s in ds.samples])
+    gen = torch.Generator().manual_seed(0)
+    drawn = [r for _ in range(300) for g in ds.draw_groups(16, gen, errors.weights(ds.kind_weights()), per_image=2)
+             for r in g]
+    assert is_left[drawn].double().mean().item() == pytest.approx(hardest, abs=0.03)  # the draw follows
+    plain = KindErrors(ds, [0.5, 0.4])  # the default
+    assert plain.shares()["is it left?"] == pytest.approx(0.6 / 1.1, abs=1e-3)
 
 
 def test_shift_images_moves_each_image_and_repeats_its_edges():
