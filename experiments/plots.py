@@ -111,11 +111,11 @@ def line_panels(records, path, panels, title="", x_key="turn", x_label="turn (on
     return img
 
 
-def accuracy_panels(curves, tasks, models, path):
+def accuracy_panels(curves, tasks, models, path, colors=COLORS):
     """Learning curves: one column of panels per task, accuracy (y) against training seconds (top
     row) and against steps (bottom row: seconds depend on the machine's day, steps do not), one line
     per run in its model's colour. curves: {(task, model): [run's [(step, seconds, accuracy, ...)], ...]},
-    one run per seed."""
+    one run per seed; colors: {model: (r, g, b)}."""
     W, H, pad = 360, 240, 44
     rows = ((1, "training time (s)", "s"), (0, "steps", ""))  # (index of x in a curve's point, axis name, unit)
     key_w = 110  # legend: one model's key
@@ -139,10 +139,10 @@ def accuracy_panels(curves, tasks, models, path):
                 for run in curves.get((task, model), []):
                     pts = [(x0 + c[xi] / x_max * W, y0 + H - c[2] * H) for c in run]
                     if len(pts) > 1:
-                        d.line([(x0, y0 + H)] + pts, fill=COLORS.get(model, (0, 0, 0)), width=2)
+                        d.line([(x0, y0 + H)] + pts, fill=colors.get(model, (0, 0, 0)), width=2)
     for i, model in enumerate(models):  # legend
         x, y = pad + i * key_w, len(rows) * (H + 2 * pad) + 8
-        d.line((x, y, x + 20, y), fill=COLORS.get(model, (0, 0, 0)), width=3)
+        d.line((x, y, x + 20, y), fill=colors.get(model, (0, 0, 0)), width=3)
         d.text((x + 24, y - 6), model, fill=(0, 0, 0))
     if any(len(runs) > 1 for runs in curves.values()):
         d.text((pad + len(models) * key_w, len(rows) * (H + 2 * pad) + 2), "(one line per seed)", fill=(0, 0, 0))

@@ -475,6 +475,11 @@ def test_table5_jobs_place_ca_every_nth_block_and_compress_to_a_fraction_of_n():
     assert by_dir["runs/table5/text/insertion-QN_16-s1"]["compress_queries"] == 4  # 64 px / 8: N = 64
     assert "compress_queries" not in by_dir["runs/table5/text/insertion-QN-s1"]
     assert by_dir["runs/table5/text/blind-s1"]["blind"] and by_dir["runs/table5/text/blind-s1"]["max_iters"] == 20
+    # shapes keeps the recipe its published seeds were run with; charts and text take train.py's defaults
+    shapes, charts = (s for _, s in table5.jobs_for(["shapes", "charts"], ["ca_tv n=1"], [1], 8, {"shapes": 50, "charts": 10}))
+    assert shapes["focus_errors"] is False and shapes["pos_std"] == 0.0 and shapes["questions_per_image"] == 1
+    assert shapes["vision_pretrain_iters"] == 10
+    assert not {"focus_errors", "pos_std", "questions_per_image", "augment_shift", "vision_pretrain_iters"} & set(charts)
 
 
 def test_table5_costs_price_a_compressed_image_at_q_tokens(tmp_path):
