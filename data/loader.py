@@ -594,13 +594,14 @@ class KindErrors:
         """Each kind's draw factor, (kinds,). hardest: a kind's standing is its error rate over its
         prior's (1: no better than always giving its most common answer, 0: all right; the prior's
         error floored at 0.05), and it draws 0.1 + exp(-(how far it stands ahead of the hardest kind)
-        / 0.1): the hardest 1.1, one 0.1 ahead of it 0.47, 0.3 ahead 0.15, the learned 0.1. So a yes/no
-        kind stuck at chance comes before a five-way kind that is half learned although its error
-        rate is lower, and every kind alike while all are at their prior. Else 0.1 + its error rate."""
+        / 0.3): the hardest 1.1, one 0.3 ahead of it 0.47, 0.6 ahead 0.24. So a yes/no kind stuck at
+        chance comes before a five-way kind that is half learned although its error rate is lower,
+        and every kind alike while all are at their prior (/ 0.1, sharper, made related kinds take
+        turns: docs/recipe.md). Else 0.1 + its error rate."""
         if not self.hardest:
             return 0.1 + self.rates
         standing = (self.rates / self.prior_error.clamp(min=0.05)).clamp(0, 1)
-        return 0.1 + torch.exp((standing - standing.max()) / 0.1)
+        return 0.1 + torch.exp((standing - standing.max()) / 0.3)
 
     def weights(self, equal_weights):
         """Sample weights for the draw: equal_weights (kind_weights: every kind alike) times each

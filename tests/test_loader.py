@@ -322,8 +322,8 @@ def test_kind_errors_draw_the_kinds_answered_wrong_more_often(tmp_path):
 def test_kind_errors_draw_the_kind_furthest_from_its_prior_most(tmp_path):
     # a yes/no kind (half yes: its prior's error 0.5) and a five-way kind (one answer in 5: 0.8). At
     # error rates 0.5 and 0.4 the yes/no kind is still at its prior while the other is half learned,
-    # although its error is lower: drawn by standing, the yes/no kind comes 1.1 : 0.1 + e^-5; drawn by
-    # 0.1 + rate (focus_hardest=False), only 0.6 : 0.5
+    # although its error is lower: drawn by standing, the yes/no kind comes 1.1 : 0.1 + e^-(0.5 / 0.3);
+    # drawn by 0.1 + rate (focus_hardest=False), only 0.6 : 0.5
     lines = []
     for p in range(20):
         Image.new("RGB", (8, 8), (10 * p, 0, 0)).save(tmp_path / f"p{p}.png")
@@ -339,7 +339,7 @@ def test_kind_errors_draw_the_kind_furthest_from_its_prior_most(tmp_path):
     errors.rates = torch.tensor([0.5, 0.8], dtype=torch.float64)  # both at their prior: alike
     assert errors.shares() == {"is it left?": 0.5, "what shape?": 0.5}
     errors.rates = torch.tensor([0.5, 0.4], dtype=torch.float64)
-    hardest = 1.1 / (1.1 + 0.1 + math.exp(-5))
+    hardest = 1.1 / (1.1 + 0.1 + math.exp(-0.5 / 0.3))
     assert errors.shares()["is it left?"] == pytest.approx(hardest, abs=1e-3)
     is_left = torch.tensor(["left" in s.turns[0][0] for s in ds.samples])
     gen = torch.Generator().manual_seed(0)
