@@ -89,7 +89,7 @@ muon_lr = 1e-3  # Muon's (its updates scaled to AdamW's size, so the two read al
 balance_kinds = True  # draw every question kind equally often (data.loader turn_kinds), not as the data has them...
 focus_errors = True  # ...then by how often the model gets each wrong on recent training batches, so the kinds
 # it has learned give way to those it has not (docs/recipe.md)...
-focus_hardest = False  # ...True: the kind furthest from learned, against its own answer prior, drawn most (a yes/no
+focus_hardest = True  # ...True: the kind furthest from learned, against its own answer prior, drawn most (a yes/no
 # kind at chance before a half-learned five-way one; data.loader KindErrors.factors); False: 0.1 + its error rate
 questions_per_image = 10  # a batch takes up to this many questions about each picture it draws, and encodes it once
 vision_pretrain_iters = -1  # stage 1: steps of label-free pretraining of the vision encoder before the VLM;

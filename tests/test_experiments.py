@@ -480,6 +480,7 @@ def test_table5_jobs_place_ca_every_nth_block_and_compress_to_a_fraction_of_n():
     assert shapes["focus_errors"] is False and shapes["pos_std"] == 0.0 and shapes["questions_per_image"] == 1
     assert shapes["vision_pretrain_iters"] == 10
     assert not {"focus_errors", "pos_std", "questions_per_image", "augment_shift", "vision_pretrain_iters"} & set(charts)
+    assert charts["focus_hardest"] is False  # the draw of the first charts seeds
 
 
 def test_table5_costs_price_a_compressed_image_at_q_tokens(tmp_path):

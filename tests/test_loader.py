@@ -346,7 +346,7 @@ def test_kind_errors_draw_the_kind_furthest_from_its_prior_most(tmp_path):
     drawn = [r for _ in range(300) for g in ds.draw_groups(16, gen, errors.weights(ds.kind_weights()), per_image=2)
              for r in g]
     assert is_left[drawn].double().mean().item() == pytest.approx(hardest, abs=0.03)  # the draw follows
-    plain = KindErrors(ds, [0.5, 0.4])  # the default
+    plain = KindErrors(ds, [0.5, 0.4])  # --focus_hardest=False
     assert plain.shares()["is it left?"] == pytest.approx(0.6 / 1.1, abs=1e-3)
 
 

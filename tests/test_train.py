@@ -30,7 +30,7 @@ def load(path):
 
 
 # dropout on, so the torch RNG state matters to an exact resume; evals in between must not disturb it
-RESUMABLE = ["--dropout=0.1", "--lr_decay_iters=8", "--eval_interval=3", "--focus_hardest=True"]
+RESUMABLE = ["--dropout=0.1", "--lr_decay_iters=8", "--eval_interval=3"]
 
 
 @pytest.fixture(scope="module")
