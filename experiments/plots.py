@@ -118,9 +118,12 @@ def accuracy_panels(curves, tasks, models, path, colors=COLORS):
     one run per seed; colors: {model: (r, g, b)}."""
     W, H, pad = 360, 240, 44
     rows = ((1, "training time (s)", "s"), (0, "steps", ""))  # (index of x in a curve's point, axis name, unit)
-    key_w = 110  # legend: one model's key
-    legend_w = pad + len(models) * key_w + 130  # the models' keys and "(one line per seed)"
-    im = Image.new("RGB", (max(len(tasks) * (W + pad) + pad, legend_w), len(rows) * (H + 2 * pad) + 20), "white")
+    key_w, key_h = 110, 18  # legend: one model's key; keys wrap into rows as wide as the panels
+    panels_w = len(tasks) * (W + pad) + pad
+    per_row = max(1, (panels_w - pad) // key_w)
+    key_rows = -(-len(models) // per_row)
+    legend_top = len(rows) * (H + 2 * pad) + 8
+    im = Image.new("RGB", (panels_w, legend_top + key_rows * key_h + 12 + 10), "white")
     d = ImageDraw.Draw(im)
     for r, (xi, axis, unit) in enumerate(rows):
         for p, task in enumerate(tasks):
@@ -141,11 +144,11 @@ def accuracy_panels(curves, tasks, models, path, colors=COLORS):
                     if len(pts) > 1:
                         d.line([(x0, y0 + H)] + pts, fill=colors.get(model, (0, 0, 0)), width=2)
     for i, model in enumerate(models):  # legend
-        x, y = pad + i * key_w, len(rows) * (H + 2 * pad) + 8
+        x, y = pad + (i % per_row) * key_w, legend_top + (i // per_row) * key_h
         d.line((x, y, x + 20, y), fill=colors.get(model, (0, 0, 0)), width=3)
         d.text((x + 24, y - 6), model, fill=(0, 0, 0))
     if any(len(runs) > 1 for runs in curves.values()):
-        d.text((pad + len(models) * key_w, len(rows) * (H + 2 * pad) + 2), "(one line per seed)", fill=(0, 0, 0))
+        d.text((pad, legend_top + key_rows * key_h - 6), "(one line per seed)", fill=(0, 0, 0))
     im.save(path)
 
 

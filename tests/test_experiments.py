@@ -141,6 +141,25 @@ def test_learning_curves_reuse_the_table_runs():
     assert [dict(jobs)[where["shapes", "ca_tv", s]]["seed"] for s in (2, 3)] == [2, 3] and len(set(dict(jobs))) == 4
 
 
+def test_learning_curve_legend_wraps_inside_the_panels_width(tmp_path):
+    """Seven models under one task's panels: the legend wraps into rows, so the picture is as wide
+    as its panels and every model's key (its colour) is drawn inside it."""
+    from PIL import Image
+
+    models = [f"model {i}" for i in range(7)]
+    colors = {m: (20 * i + 10, 200, 255 - 20 * i) for i, m in enumerate(models)}
+    curves = {("charts", models[0]): [[(0, 0.0, 0.0), (100, 10.0, 0.5)]]}
+    path = tmp_path / "curves.png"
+    plots.accuracy_panels(curves, ["charts"], models, str(path), colors=colors)
+    im = Image.open(path).convert("RGB")
+    one_panel_wide = im.width
+    plots.accuracy_panels({("a", m): [] for m in models} | {("b", models[0]): []}, ["a", "b"], models,
+                          str(path), colors=colors)
+    assert Image.open(path).width > one_panel_wide  # the width follows the panels, not the legend
+    drawn = {c for _, c in im.getcolors(maxcolors=1 << 20)}
+    assert all(c in drawn for c in colors.values())
+
+
 def test_mean_spread_is_mean_and_sample_std():
     xs = [0.5, 0.25, 0.375]
     assert runs.mean_spread(xs) == f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
