@@ -21,14 +21,13 @@ designs do, so the fine-grained pair is drawn at two seeds (text alone at three)
 answer prior, docs/results.md).
 """
 
-import json
 import os
 from types import SimpleNamespace
 
 import configurator
 from experiments import accuracy, plots, video
-from experiments.runs import (AT_LEAST_1, ROOT, TASK_SETTINGS, check_settings, markdown_table, model_settings,
-                              parse_names, parse_seeds, run_all, write_result)
+from experiments.runs import (AT_LEAST_1, ROOT, TASK_SETTINGS, check_settings, log_records, markdown_table,
+                              model_settings, parse_names, parse_seeds, run_all, write_result)
 
 FINE_ITERS = 10000  # text and charts: the budget of Table 2's fine-grained columns
 # the published pictures: each pair of tasks drawn by default -> (file name, models, seeds)
@@ -52,9 +51,8 @@ DEFAULTS = configurator.settings(globals())
 
 def curve(out_dir):
     """[(step, training seconds, accuracy, shuffled accuracy, {kind: accuracy})] of a finished run."""
-    with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
-        return [(r["step"], r["train_s"], r["accuracy"], r["shuffled_accuracy"], r["accuracy_by_kind"])
-                for r in map(json.loads, f) if "accuracy" in r]
+    return [(r["step"], r["train_s"], r["accuracy"], r["shuffled_accuracy"], r["accuracy_by_kind"])
+            for r in log_records(out_dir) if "accuracy" in r]
 
 
 def learning_jobs(tasks, models, video_models, seeds, max_iters, every):

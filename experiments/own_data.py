@@ -10,19 +10,18 @@ reads only the answer prior sits at the blind line.
     python -m experiments.own_data --models=ca --seeds=1,2,3
 
 Runs go to runs/own_data/<dataset>/<model>-s<seed>/ (skipped when finished, resumed when
-interrupted). The table goes to docs/results/own_data.md, the learning curves by question kind to
+interrupted); the published table's runs keep a copy of their log in docs/runs/own_data/. The table goes to docs/results/own_data.md, the learning curves by question kind to
 docs/own_data.png (for other settings: runs/results/ and runs/results/own_data.png).
 """
 
-import json
 import os
 from types import SimpleNamespace
 
 import configurator
 from experiments.accuracy import MODELS
 from experiments.plots import grid_of, line_panels
-from experiments.runs import (AT_LEAST_1, ROOT, check_settings, is_default, markdown_table, mean_spread,
-                              model_settings, parse_names, parse_seeds, run_all, write_result)
+from experiments.runs import (AT_LEAST_1, ROOT, check_settings, is_default, log_records, markdown_table,
+                              mean_spread, model_settings, parse_names, parse_seeds, run_all, write_result)
 
 # the scenes set's question kinds by their first two words; other folders keep train.py's kind names
 SCENES_KINDS = {"is there": "existence", "what color": "colour", "what shape": "shape", "how many": "count",
@@ -50,9 +49,13 @@ def short_name(dataset):
 
 def evaluations(out_dir):
     """The periodic and final evaluations of a run's log.jsonl, in order, and its vision-stage seconds."""
-    with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if "accuracy" in r]
+    return [r for r in log_records(out_dir) if "accuracy" in r]
+
+
+def jobs_for(datasets, models, seeds):
+    return [(f"runs/own_data/{short_name(d)}/{m}-s{s}",
+             dict(dataset=d, **model_settings(m), seed=s, eval_interval=EVAL_INTERVAL, num_show=0))
+            for d in datasets for m in models for s in seeds]
 
 
 def main(argv=None):
@@ -62,10 +65,10 @@ def main(argv=None):
     datasets, models = parse_names(args.datasets, "datasets"), parse_names(args.models, "models", MODELS)
     seeds = parse_seeds(args.seeds)
 
-    jobs = [(f"runs/own_data/{short_name(d)}/{m}-s{s}",
-             dict(dataset=d, **model_settings(m), seed=s, eval_interval=EVAL_INTERVAL, num_show=0))
-            for d in datasets for m in models for s in seeds]
-    results = run_all(jobs, args.jobs, args.threads)
+    jobs = jobs_for(datasets, models, seeds)
+    # the published table's runs keep their logs in docs/runs/ (runs.run_all)
+    published_jobs = jobs_for(DEFAULTS["datasets"].split(","), DEFAULTS["models"].split(","), parse_seeds(DEFAULTS["seeds"]))
+    results = run_all(jobs, args.jobs, args.threads, keep_logs={d for d, s in jobs if (d, s) in published_jobs})
 
     rows, curve_rows, points, data = [], [], [], {}
     for d in datasets:

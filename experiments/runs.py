@@ -48,13 +48,45 @@ def train_command(out_dir, settings):
     return ["python", "train.py", *(f"--{k}={v}" for k, v in settings.items()), f"--out_dir={out_dir}"]
 
 
+# runs/ is not committed, and a table of three seeds is often trained over several days and machines.
+# So the runs behind a published table keep a copy of their log in the repo, docs/runs/<the folder
+# below runs/>.jsonl (its first line the run's settings): a table can be written again, and the runs
+# still missing trained, on a fresh clone. Delete a copy (and the run's folder) to train that run again.
+RUNS, KEPT_LOGS = os.path.join(ROOT, "runs"), os.path.join(ROOT, "docs", "runs")
+
+
+def kept_log_path(out_dir):
+    """docs/runs/<task>/<model>-s1.jsonl for runs/<task>/<model>-s1 (None for a folder outside runs/)."""
+    below = os.path.relpath(os.path.join(ROOT, out_dir), RUNS)
+    return None if below.startswith("..") else os.path.join(KEPT_LOGS, below + ".jsonl")
+
+
+def log_records(out_dir):
+    """The records of a run's log.jsonl, from its folder, or from the copy kept in docs/runs/ when the
+    folder has no log (a fresh clone); [] when there is neither."""
+    for path in (os.path.join(ROOT, out_dir, "log.jsonl"), kept_log_path(out_dir)):
+        if path and os.path.exists(path):
+            with open(path) as f:
+                return [r for r in (json.loads(line) for line in f if line.strip()) if "settings" not in r]
+    return []
+
+
+def keep_log(out_dir, settings):
+    """Copy a finished run's log into docs/runs/, its settings first (written whole or not at all)."""
+    path = kept_log_path(out_dir)
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
+        lines = [line for line in f if line.strip()]
+    with open(path + ".tmp", "w") as f:
+        f.write(json.dumps({"settings": settings}) + "\n" + "".join(lines))
+    os.replace(path + ".tmp", path)
+
+
 def final_record(out_dir):
-    """The "final" line of a finished run's log.jsonl, or None if the run has not finished."""
-    path = os.path.join(ROOT, out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        finals = [r for r in map(json.loads, f) if r.get("final")]
+    """The "final" line of a finished run's log (log_records), or None if the run has not finished."""
+    finals = [r for r in log_records(out_dir) if r.get("final")]
     return finals[-1] if finals else None
 
 
@@ -64,12 +96,16 @@ def settings_clash(out_dir, settings):
     no checkpoint to read. Catches a folder filled before a table's settings changed (TASK_SETTINGS,
     a budget), which would otherwise be skipped as done and reported under the new settings."""
     path = os.path.join(ROOT, out_dir, "ckpt.pt")
-    if not os.path.exists(path):
+    if os.path.exists(path):
+        try:
+            saved = casa.load_checkpoint(path)[1].get("train_args", {})
+        except (OSError, ValueError, RuntimeError) as e:  # not a checkpoint, or weights that do not fit
+            sys.exit(f"error: cannot read the finished run's checkpoint to check its settings: {e}")
+    elif not os.path.exists(os.path.join(ROOT, out_dir, "log.jsonl")) and os.path.exists(kept_log_path(out_dir) or ""):
+        with open(kept_log_path(out_dir)) as f:  # the copy in docs/runs/: its first line
+            saved = json.loads(f.readline()).get("settings", {})
+    else:
         return []
-    try:
-        saved = casa.load_checkpoint(path)[1].get("train_args", {})
-    except (OSError, ValueError, RuntimeError) as e:  # not a checkpoint, or weights that do not fit
-        sys.exit(f"error: cannot read the finished run's checkpoint to check its settings: {e}")
 
     def same(was, asked):  # asked may be a string from a command line: 3e-4 is 0.0003
         if was == asked or str(was) == str(asked):
@@ -83,12 +119,14 @@ def settings_clash(out_dir, settings):
             if k in saved and not same(saved[k], v)]
 
 
-def run_all(jobs, parallel=2, threads=1):
+def run_all(jobs, parallel=2, threads=1, keep_logs=()):
     """Run every (out_dir, settings) job that has not finished yet, `parallel` at a time, each with
     `threads` CPU threads; one that was interrupted goes on from its last checkpoint (train.py
     --resume=True, its output appended to train.txt). Returns {out_dir: final record} for all jobs.
     A failed run stops everything with its log's last lines, and so does a finished one whose
-    checkpoint says it was trained with other settings than its job's (settings_clash)."""
+    checkpoint (or kept log) says it was trained with other settings than its job's (settings_clash).
+    The runs in keep_logs (out_dirs: those behind a published table) keep a copy of their log in
+    docs/runs/ once finished, and count as finished where only that copy is left."""
     todo = [(d, s) for d, s in jobs if final_record(d) is None]
     for out_dir, settings in jobs:
         clash = settings_clash(out_dir, settings) if final_record(out_dir) else []
@@ -98,6 +136,9 @@ def run_all(jobs, parallel=2, threads=1):
                      "these settings (or keep it and ask for the settings it was made with)")
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run "
           f"({parallel} at a time, {threads} thread(s) each)", flush=True)
+    for out_dir, settings in jobs:  # finished before logs were kept, or in a folder of its own
+        if out_dir in keep_logs and final_record(out_dir) and os.path.exists(os.path.join(ROOT, out_dir, "log.jsonl")):
+            keep_log(out_dir, settings)
     # a built-in dataset missing on a fresh clone is prepared here, once, before runs start in parallel
     names = [s.get("dataset", "shapes") for _, s in todo]  # train.py's default dataset is shapes
     for name in dict.fromkeys(n for n in names if "/" not in n):  # built-in names, each once
@@ -117,23 +158,25 @@ def run_all(jobs, parallel=2, threads=1):
             print("  $ " + " ".join(cmd), flush=True)
             out = open(os.path.join(ROOT, out_dir, "train.txt"), "a" if interrupted else "w")
             proc = subprocess.Popen([sys.executable, *cmd[1:]], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-            running.append((proc, out, out_dir, time.time()))
+            running.append((proc, out, out_dir, settings, time.time()))
         time.sleep(0.2)
         for item in list(running):
-            proc, out, out_dir, t0 = item
+            proc, out, out_dir, settings, t0 = item
             if proc.poll() is None:
                 continue
             out.close()
             running.remove(item)
             record = final_record(out_dir)
             if proc.returncode != 0 or record is None:
-                for p, o, _, _ in running:
+                for p, o, *_ in running:
                     p.kill()
                     o.close()
                 with open(os.path.join(ROOT, out_dir, "train.txt")) as f:
                     tail = f.read()[-2000:]
                 sys.exit(f"run {out_dir} failed (exit {proc.returncode}):\n{tail}")
             done += 1
+            if out_dir in keep_logs:
+                keep_log(out_dir, settings)
             print(f"  done {out_dir}: accuracy {record['accuracy']:.3f}, val_loss {record['val_loss']:.4f} "
                   f"({time.time() - t0:.0f} s; {done} finished, {time.time() - t_start:.0f} s so far)", flush=True)
     return {d: final_record(d) for d, _ in jobs}

@@ -21,7 +21,9 @@ text token, from casa's formulas; python -m experiments.stream_policies measures
 
 Runs go to runs/table5/<task>/<model>-s<seed>/ (finished runs skipped, interrupted ones resumed);
 the table and the learning curves to docs/results/table5.md and docs/table5.png (runs/results/ and
-runs/table5.png for other settings).
+runs/table5.png for other settings). The published table's runs keep a copy of their log in
+docs/runs/table5/ (runs/ is not committed), so the table's 42 runs can be trained over several days:
+on a fresh clone those count as finished (delete a copy to train that run again).
 """
 
 import os
@@ -132,7 +134,13 @@ def main(argv=None):
     model_list = parse_names(args.models, "models", MODELS)
     seed_list = parse_seeds(args.seeds)
     iters = {"charts": args.charts_iters, "text": args.text_iters, "shapes": args.shapes_iters}
-    results = run_all(jobs_for(task_list, model_list, seed_list, args.n_layer, iters), args.jobs, args.threads)
+    jobs = jobs_for(task_list, model_list, seed_list, args.n_layer, iters)
+    # the published table's runs keep their logs in docs/runs/ (runs.run_all), so that its three
+    # seeds can be trained over several days
+    published_jobs = jobs_for(parse_names(DEFAULTS["tasks"], "tasks"), list(MODELS), parse_seeds(DEFAULTS["seeds"]),
+                              DEFAULTS["n_layer"], {"charts": DEFAULTS["charts_iters"], "text": DEFAULTS["text_iters"],
+                                                    "shapes": DEFAULTS["shapes_iters"]})
+    results = run_all(jobs, args.jobs, args.threads, keep_logs={d for d, s in jobs if (d, s) in published_jobs})
     torch.set_num_threads(1)
     text, data = "", {}
     for task in task_list:

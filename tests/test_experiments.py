@@ -12,7 +12,7 @@ import torch
 import casa
 from conftest import TINY_MODEL, run, write_tiny_dataset
 from data.loader import load_image
-from experiments import accuracy, attention, efficiency, plots, runs, token_scale, video, vision_probe
+from experiments import accuracy, attention, efficiency, learning, plots, runs, token_scale, video, vision_probe
 
 
 def test_run_all_runs_once_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, capsys):
@@ -56,6 +56,37 @@ def test_run_all_runs_once_skips_finished_runs_and_resumes_interrupted_ones(tmp_
               for d in (straight, split)]
     assert [step for step, _ in losses[1]] == list(range(1, 7))  # each step logged once
     assert losses[0] == losses[1]  # exactly the uninterrupted run
+
+
+def test_published_runs_keep_their_log_in_the_repo_and_count_as_finished_from_it(tmp_path, monkeypatch, capsys):
+    # runs/ is not committed: a table trained over several days must survive a fresh clone
+    monkeypatch.setattr(runs, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(runs, "KEPT_LOGS", str(tmp_path / "docs" / "runs"))
+    data = write_tiny_dataset(tmp_path / "data")
+    settings = dict(arg[2:].split("=", 1) for arg in TINY_MODEL)
+    settings.update(dataset=str(data), max_iters=4, eval_interval=2, lr_decay_iters=4)
+    kept, other = str(tmp_path / "runs" / "task" / "kept-s1"), str(tmp_path / "runs" / "task" / "other-s1")
+    record = runs.run_all([(kept, settings), (other, settings)], parallel=2, keep_logs={kept})[kept]
+    copy = tmp_path / "docs" / "runs" / "task" / "kept-s1.jsonl"
+    assert not (tmp_path / "docs" / "runs" / "task" / "other-s1.jsonl").exists()  # not a published run
+    lines = [json.loads(line) for line in open(copy)]
+    assert lines[0] == {"settings": settings}
+    assert lines[1:] == [json.loads(line) for line in open(os.path.join(kept, "log.jsonl"))]
+    points = learning.curve(kept)
+    assert [p[0] for p in points] == [2, 4]  # the evaluation along the way and the final one
+
+    # a fresh clone: the folder is gone, the copy is left; the run counts as finished, is not trained
+    # again, and its numbers and curve read the same
+    for name in os.listdir(kept):
+        os.remove(os.path.join(kept, name))
+    os.rmdir(kept)
+    capsys.readouterr()
+    assert runs.run_all([(kept, settings)], parallel=1, keep_logs={kept})[kept] == record
+    assert "1 already done, 0 to run" in capsys.readouterr().out and not os.path.exists(kept)
+    assert learning.curve(kept) == points
+    with pytest.raises(SystemExit, match=r"max_iters=4 \(this job asks for 6\)"):  # its settings are checked too
+        runs.run_all([(kept, dict(settings, max_iters=6))], parallel=1, keep_logs={kept})
+    assert runs.final_record(str(tmp_path / "runs" / "task" / "never-s1")) is None
 
 
 def test_run_all_stops_with_the_failing_runs_output(tmp_path):
