@@ -182,9 +182,14 @@ def read_checkpoint(path, what):
 
 
 def fitted_patch(image_size):
-    """patch_size 0: the largest power of 2 (the vision stem halves the image log2(patch_size) times)
-    at most image_size / 4: 16 image tokens per image at 32 and 64 px, 36 at 48 px."""
-    return max(2, 2 ** int(math.log2(max(1, image_size // 4))))
+    """patch_size 0: 8 px patches from 32 to 64 px (16 image tokens per image at 32 px, 36 at 48, 64 at
+    64), so that a token can tell apart objects a few pixels across (with 16 px patches at 64 px,
+    scenes ended at 0.874 and its binding questions far lower for insertion: docs/recipe.md); above 64 px
+    the patch grows with the image, at most 64 tokens; below 32 px a quarter of the side. Always a
+    power of 2: the vision stem halves the image log2(patch_size) times."""
+    if image_size < 32:
+        return max(2, 2 ** int(math.log2(max(1, image_size // 4))))
+    return max(8, 2 ** math.ceil(math.log2(image_size / 8)))
 
 
 # -----------------------------------------------------------------------------

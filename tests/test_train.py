@@ -6,6 +6,7 @@ several checks where it can: the suite's time is mostly these processes. Bad set
 out_dirs and faults (signals, a full disk, a torn log) are test_bad_input_train.py's."""
 
 import ast
+import math
 import os
 
 import pytest
@@ -202,13 +203,26 @@ def test_budget_and_image_size_follow_the_data(data, tmp_path):
     assert "budget: 7 steps" in r.stdout and load(tmp_path / "b" / "ckpt.pt")["step"] == 7
 
 
+def test_fitted_patch_is_8_px_up_to_64_px_then_64_tokens():
+    fitted_patch = train_py_class("fitted_patch")
+    # image side -> (patch, tokens): 8 px patches from 32 to 64 px, then at most 64 tokens; a quarter
+    # of the side below 32; always a power of 2 that divides the multiples of 16 the rule picks
+    expected = {16: (4, 16), 32: (8, 16), 48: (8, 36), 64: (8, 64), 80: (16, 25), 96: (16, 36), 128: (16, 64),
+                256: (32, 64)}
+    got = {side: (fitted_patch(side), (side // fitted_patch(side)) ** 2) for side in expected}
+    assert got == expected
+    for side in range(16, 129, 16):  # the sizes the image-size rule picks (32 to 64) and a user's up to 128
+        p = fitted_patch(side)
+        assert p & (p - 1) == 0 and side % p == 0 and (side // p) ** 2 <= 64 and p <= max(8, side // 4)
+
+
 def train_py_class(name):
-    """One class of train.py, alone: the script trains when imported, so its source is read and only
-    that class definition is run (with the modules train.py imports)."""
+    """One class (or function) of train.py, alone: the script trains when imported, so its source is
+    read and only that definition is run (with the modules train.py imports)."""
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")) as f:
         tree = ast.parse(f.read())
-    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
-    scope = dict(casa=casa, torch=torch, nn=torch.nn)
+    node = next(n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == name)
+    scope = dict(casa=casa, torch=torch, nn=torch.nn, math=math)
     exec(compile(ast.Module([node], type_ignores=[]), "train.py", "exec"), scope)
     return scope[name]
 
