@@ -93,7 +93,8 @@ focus_hardest = True  # ...True: the kind furthest from learned, against its own
 # kind at chance before a half-learned five-way one; data.loader KindErrors.factors); False: 0.1 + its error rate
 questions_per_image = 10  # a batch takes up to this many questions about each picture it draws, and encodes it once
 vision_pretrain_iters = -1  # stage 1: steps of label-free pretraining of the vision encoder before the VLM;
-#                              0: off; -1: a fifth of max_iters, at least min_iters (a fresh run with images)
+#                              0: off; -1: a fifth of max_iters, at least min_iters // 3 (100 steps; a fresh run
+#                              with images; with 8 px patches 100 steps read shapes as well as 300: docs/recipe.md)
 vision_pretrain_lr = 1e-3
 vision_pretrain_batch = 32  # images per stage-1 step
 augment_shift = 0.0625  # training images move by up to this fraction of their side each way (4 px at 64;
@@ -425,7 +426,7 @@ if shift_px and not blind:
     log(f"augmentation: training images move by up to {shift_px} px each way (--augment_shift={augment_shift:g} of "
         f"their side; 0: off)")
 if vision_pretrain_iters < 0:  # stage 1 follows the budget
-    vision_pretrain_iters = args["vision_pretrain_iters"] = 0 if init_from or blind else max(min_iters, max_iters // 5)
+    vision_pretrain_iters = args["vision_pretrain_iters"] = 0 if init_from or blind else max(min_iters // 3, max_iters // 5)
     if vision_pretrain_iters:
         log(f"stage 1: {vision_pretrain_iters} steps of label-free vision pretraining (the encoder learns to redraw "
             f"the images), then the VLM (--vision_pretrain_iters=N to set it, 0: off)")

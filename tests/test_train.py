@@ -189,15 +189,15 @@ def test_budget_and_image_size_follow_the_data(data, tmp_path):
     # max_iters=0: `epochs` passes over the 18 training samples at 4 a step, at least min_iters steps;
     # image_size=0: the images' size (20 px) rounded down to a multiple of 16, at least 32; patch 1/4 of it.
     # Balanced sampling on, to run through it.
-    # The vision stage (-1): a fifth of the steps, at least min_iters.
-    r = train(data, tmp_path, "--max_iters=0", "--epochs=1", "--min_iters=2", "--image_size=0", "--patch_size=0",
+    # The vision stage (-1): a fifth of the steps (2), at least min_iters // 3 (3).
+    r = train(data, tmp_path, "--max_iters=0", "--epochs=3", "--min_iters=9", "--image_size=0", "--patch_size=0",
               "--balance_kinds=True", "--vision_pretrain_iters=-1", "--eval_interval=100")
-    assert "budget: 5 steps of 4 samples = 1.1 passes" in r.stdout, r.stdout
-    assert "stage 1: 2 steps of label-free vision pretraining" in r.stdout
+    assert "budget: 14 steps of 4 samples = 3.1 passes" in r.stdout, r.stdout
+    assert "stage 1: 3 steps of label-free vision pretraining" in r.stdout
     assert "images: 20 px -> image_size 32, patch_size 8: 16 tokens per image" in r.stdout, r.stdout
     ck = load(tmp_path / "ckpt.pt")
-    assert ck["step"] == 5 and ck["train_args"]["max_iters"] == 5  # saved resolved: a resume keeps them
-    assert ck["train_args"]["vision_pretrain_iters"] == 2 and [x["step"] for x in read_log(tmp_path) if x.get("stage")] == [2]
+    assert ck["step"] == 14 and ck["train_args"]["max_iters"] == 14  # saved resolved: a resume keeps them
+    assert ck["train_args"]["vision_pretrain_iters"] == 3 and [x["step"] for x in read_log(tmp_path) if x.get("stage")] == [3]
     assert ck["config"]["image_size"] == 32 and ck["train_args"]["patch_size"] == 8
     r = train(data, tmp_path / "b", "--max_iters=0", "--epochs=1", "--min_iters=7", "--eval_interval=100")
     assert "budget: 7 steps" in r.stdout and load(tmp_path / "b" / "ckpt.pt")["step"] == 7
