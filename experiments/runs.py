@@ -72,13 +72,15 @@ def log_records(out_dir):
 
 
 def keep_log(out_dir, settings):
-    """Copy a finished run's log into docs/runs/, its settings first (written whole or not at all)."""
+    """Copy a finished run's log into docs/runs/, its settings first (written whole or not at all): its
+    evaluations and stage lines, not the training loss logged every few steps (that stays in the run's
+    folder), so a copy is a few kB."""
     path = kept_log_path(out_dir)
     if path is None:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(os.path.join(ROOT, out_dir, "log.jsonl")) as f:
-        lines = [line for line in f if line.strip()]
+        lines = [line for line in f if line.strip() and "loss" not in json.loads(line)]
     with open(path + ".tmp", "w") as f:
         f.write(json.dumps({"settings": settings}) + "\n" + "".join(lines))
     os.replace(path + ".tmp", path)
