@@ -90,6 +90,18 @@ def test_published_runs_keep_their_log_in_the_repo_and_count_as_finished_from_it
     assert runs.final_record(str(tmp_path / "runs" / "task" / "never-s1")) is None
 
 
+def test_kept_logs_are_not_ignored_by_git_but_runs_are():
+    # runs/ is ignored; the copies in docs/runs/ must reach the repo (a pattern like "runs/" ignores both)
+    import shutil
+    import subprocess
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(runs.ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=runs.ROOT).returncode == 0
+    assert ignored("runs/table5/charts/blind-s1/log.jsonl")
+    assert not ignored(os.path.relpath(runs.kept_log_path("runs/table5/charts/blind-s1"), runs.ROOT))
+
+
 def test_run_all_stops_with_the_failing_runs_output(tmp_path):
     try:
         runs.run_all([(str(tmp_path / "bad"), dict(dataset=str(tmp_path / "missing")))], parallel=1)
