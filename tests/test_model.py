@@ -793,8 +793,9 @@ def test_shared_images_equal_each_marker_its_own_copy(variant, settings):
     (a, grads_a), (b, grads_b) = results
     torch.testing.assert_close(a, b)
     assert grads_a.keys() == grads_b.keys() and any(n.startswith("vision.") for n in grads_a)
-    for n in grads_a:
-        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5)
+    for n in grads_a:  # the same sums in another order (a shared image's gradient gathers its samples'
+        # before the encoder, copies after it): float32 rounding differs by a few 1e-6 on some CPUs
+        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-5)
     model = make_model(variant, **settings)
     for index, match in ((torch.tensor([0, 2, 1]), r"image_index must lie in \[0, 2\)"),
                          (torch.tensor([0, 1]), r"3 <\|image\|> markers in idx but 2 images"),
