@@ -10,8 +10,9 @@ reads only the answer prior sits at the blind line.
     python -m experiments.own_data --models=ca --seeds=1,2,3
 
 Runs go to runs/own_data/<dataset>/<model>-s<seed>/ (skipped when finished, resumed when
-interrupted); the published table's runs keep a copy of their log in docs/runs/own_data/. The table goes to docs/results/own_data.md, the learning curves by question kind to
-docs/own_data.png (for other settings: runs/results/ and runs/results/own_data.png).
+interrupted); the published table's runs keep a copy of their log in docs/runs/own_data/. The
+table goes to docs/results/own_data.md, the learning curves by question kind to docs/own_data.png
+(for other settings: runs/results/ and runs/results/own_data.png).
 """
 
 import os
