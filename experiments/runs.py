@@ -67,7 +67,10 @@ def log_records(out_dir):
     for path in (os.path.join(ROOT, out_dir, "log.jsonl"), kept_log_path(out_dir)):
         if path and os.path.exists(path):
             with open(path) as f:
-                return [r for r in (json.loads(line) for line in f if line.strip()) if "settings" not in r]
+                try:
+                    return [r for r in (json.loads(line) for line in f if line.strip()) if "settings" not in r]
+                except json.JSONDecodeError as e:  # a log cut short or edited by hand
+                    sys.exit(f"error: {os.path.relpath(path, ROOT)} is not a run log ({e}): delete it to train that run again")
     return []
 
 
