@@ -20,13 +20,16 @@ With trained video models (train.py --dataset=video), the table gets their accur
 policy: the validation clips streamed turn by turn through one cache each, true answers fed back
 (experiments/video.py's streamed_answers), exact match of the comments and of the last turn's
 question about the first frame, which a window that drops that frame (or the comment about it) loses.
+--trained=True trains the three it needs (insertion, insertion at Q = N/compress, ca; seed 1, Table 4's
+settings at --train_iters steps, two at a time, one thread each; finished ones are reused) and uses them:
 
     python -m experiments.stream_policies                      # random weights: memory, time, delay
+    python -m experiments.stream_policies --trained=True       # + accuracy: trains runs/video-4000/* first
     python -m experiments.stream_policies --ckpt_insertion=runs/video/insertion-s1/ckpt.pt \\
-        --ckpt_compressed=runs/video/insertion-q4-s1/ckpt.pt --ckpt_ca=runs/video/ca-s1/ckpt.pt
+        --ckpt_compressed=path/to/compressed/ckpt.pt --ckpt_ca=runs/video/ca-s1/ckpt.pt   # your own models
 
-Writes the table to docs/results/stream_policies.md (runs/results/ for other settings) and the
-picture to --png.
+Writes the table to docs/results/stream_policies.md (stream_policies_trained.md with --trained=True;
+runs/results/ for other settings) and the picture to --png.
 """
 
 import os
@@ -41,9 +44,9 @@ import configurator
 import stream
 from data.loader import Dataset
 from experiments import plots
-from experiments.runs import AT_LEAST_0, AT_LEAST_1, ROOT, check_picture, check_settings, is_default, markdown_table, \
-    write_result
-from experiments.video import streamed_answers, turn_kind
+from experiments.runs import AT_LEAST_0, AT_LEAST_1, ROOT, TASK_SETTINGS, check_picture, check_settings, is_default, \
+    markdown_table, run_all, write_result
+from experiments.video import BUDGET, jobs_for, streamed_answers, turn_kind
 
 # -----------------------------------------------------------------------------
 turns = 240  # frames in the stream
@@ -55,6 +58,9 @@ sink_tokens = 4  # ca's sinks: the first tokens every bounded cache keeps
 ckpt_insertion = ""  # trained video models (optional): accuracy under each policy
 ckpt_compressed = ""
 ckpt_ca = ""
+trained = False  # True: train the three (or reuse them when finished) and fill the accuracy columns
+train_iters = 4000  # their budget: half of Table 4's 8000 (experiments/video.py), about 50 min a model
+jobs = 2  # --trained: runs at a time
 png = "docs/stream_policies.png"
 # the benchmark backbone and turn, as stream.py --bench
 image_tokens = 64
@@ -124,6 +130,18 @@ def trained_accuracy(path, bound, kind, window_frames):
     return {k: sum(v) / len(v) for k, v in right.items()}, most
 
 
+def video_jobs(s):
+    """{kind: (out_dir, train.py settings)} of the three trained video models --trained uses: Table 4's
+    settings (experiments/video.py) at s.train_iters steps, seed 1; Table 4's own runs at its budget."""
+    root = "runs/video" if s.train_iters == BUDGET["max_iters"] else f"runs/video-{s.train_iters}"
+    (_, ca), (_, insertion) = jobs_for(["ca", "insertion"], [1], dict(BUDGET, max_iters=s.train_iters), root)
+    v = TASK_SETTINGS["video"]
+    Q = max(1, (v["image_size"] // v["patch_size"]) ** 2 // s.compress)
+    return {"insertion": (f"{root}/insertion-s1", insertion),
+            "compressed": (f"{root}/insertion-q{s.compress}-s1", dict(insertion, compress_queries=Q)),
+            "ca": (f"{root}/ca-s1", ca)}
+
+
 @torch.inference_mode()
 def run(s):
     torch.set_num_threads(casa.pick_threads(s.threads)[0])
@@ -190,7 +208,12 @@ def run(s):
             f"answer is ready. Accuracy (trained video models, when given): exact match on data/video's validation clips "
             f"streamed through the policy's cache."
             + "\n\n" + markdown_table(header, rows))
-    write_result("stream_policies", text, data, published=is_default(vars(s), DEFAULTS))
+    if s.trained:  # the published table with accuracy is the one --trained=True makes, whatever the paths
+        write_result("stream_policies_trained", text, data,
+                     published=is_default({**vars(s), **{f"ckpt_{k}": "" for k in ("insertion", "compressed", "ca")}},
+                                          dict(DEFAULTS, trained=True)))
+    else:
+        write_result("stream_policies", text, data, published=is_default(vars(s), DEFAULTS))
     if s.png:
         plots.line_panels(records, os.path.join(ROOT, s.png),
                           [("kv_bytes", "KV cache (MiB)", 1 / stream.MiB), ("turn_s", "time a frame (ms)", 1000),
@@ -207,10 +230,18 @@ def main(argv=None):
     check_settings(vars(s), turns=AT_LEAST_1, compress=AT_LEAST_1, window_frames=AT_LEAST_1, text_window=AT_LEAST_1,
                    sink_tokens=AT_LEAST_0, image_tokens=AT_LEAST_1, gen_tokens=AT_LEAST_1, n_layer=AT_LEAST_1,
                    n_head=AT_LEAST_1, n_embd=AT_LEAST_1, patch_size=AT_LEAST_1, warmup=AT_LEAST_0, seed=AT_LEAST_0,
-                   threads=AT_LEAST_0, fps=(lambda f: 1 / stream.MAX_FPS <= f <= stream.MAX_FPS,
+                   threads=AT_LEAST_0, jobs=AT_LEAST_1, train_iters=AT_LEAST_1, fps=(lambda f: 1 / stream.MAX_FPS <= f <= stream.MAX_FPS,
                                             f"a rate from {1 / stream.MAX_FPS:g} to {stream.MAX_FPS:g}"))
     if s.png:
         check_picture("png", s.png, ROOT)
+    if s.trained:
+        given = [f"--ckpt_{k}" for k in ("insertion", "compressed", "ca") if getattr(s, f"ckpt_{k}")]
+        if given:
+            sys.exit(f"error: --trained=True trains its own models; leave out {', '.join(given)} (or --trained)")
+        jobs = video_jobs(s)
+        run_all(list(jobs.values()), parallel=s.jobs, threads=max(1, s.threads))
+        for kind, (out_dir, _) in jobs.items():
+            setattr(s, f"ckpt_{kind}", os.path.join(ROOT, out_dir, "ckpt.pt"))
     for kind in ("insertion", "compressed", "ca"):  # before the stream, not after it
         path = getattr(s, f"ckpt_{kind}")
         if path and not os.path.isfile(path):

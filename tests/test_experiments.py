@@ -523,6 +523,33 @@ def test_stream_policies_table_and_trained_accuracy(tmp_path, monkeypatch):
         stream_policies.main([*common[:-2], f"--ckpt_compressed={tmp_path / 'ckpt.pt'}"])
 
 
+def test_stream_policies_trained_trains_three_video_models_then_reads_their_checkpoints(tmp_path, monkeypatch):
+    """--trained=True: Table 4's settings at --train_iters, seed 1, insertion compressed to Q = N/compress
+    (64 px, 16 px patches: N = 16); the runs are handed to run_all, then their checkpoints are the
+    --ckpt_* of the table; with a --ckpt_* of one's own it stops before training anything."""
+    from experiments import stream_policies
+
+    monkeypatch.setattr(stream_policies, "ROOT", str(tmp_path))
+    handed = []
+    monkeypatch.setattr(stream_policies, "run_all", lambda jobs, parallel, threads: handed.extend(jobs))
+    monkeypatch.setattr(stream_policies, "run", lambda s: {k: getattr(s, f"ckpt_{k}") for k in ("insertion", "compressed", "ca")})
+    for kind in ("insertion-s1", "insertion-q4-s1", "ca-s1"):  # what run_all would leave
+        os.makedirs(tmp_path / "runs/video-4000" / kind)
+        (tmp_path / "runs/video-4000" / kind / "ckpt.pt").write_bytes(b"")
+    got = stream_policies.main(["--trained=True", "--png="])
+    assert got == {k: str(tmp_path / f"runs/video-4000/{d}/ckpt.pt")
+                   for k, d in (("insertion", "insertion-s1"), ("compressed", "insertion-q4-s1"), ("ca", "ca-s1"))}
+    table4 = dict(video.jobs_for(["ca", "insertion"], [1]))
+    jobs = dict(handed)
+    assert jobs["runs/video-4000/ca-s1"] == dict(table4["runs/video/ca-s1"], max_iters=4000)
+    assert jobs["runs/video-4000/insertion-q4-s1"] == dict(table4["runs/video/insertion-s1"], max_iters=4000,
+                                                            compress_queries=4)
+    handed.clear()
+    with pytest.raises(SystemExit, match=r"^error: --trained=True trains its own models; leave out --ckpt_ca"):
+        stream_policies.main(["--trained=True", "--ckpt_ca=x.pt", "--png="])
+    assert handed == []
+
+
 def test_table5_jobs_place_ca_every_nth_block_and_compress_to_a_fraction_of_n():
     """The Table 5 sweep's models: n = 4 on 8 layers keeps two CA layers (blocks 0 and 4); Q = N/4 and
     N/16 become query counts of each task's own N; every run has its own folder."""
