@@ -159,15 +159,6 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
-def sincos_table(grid, dim):
-    """(grid, dim): position x = 0.5, 1.5, ... of a grid row as cos(w x) and sin(w x) (dim/2 each) at
-    dim/2 frequencies w from pi / grid (half a wave across the image: cos is monotone, an order)
-    to pi (a wave every two patches), geometrically spaced; values in [-1, 1], RMS 1/sqrt(2)."""
-    x = torch.arange(grid, dtype=torch.float32)[:, None] + 0.5  # (grid, 1)
-    w = math.pi / grid * grid ** torch.linspace(0, 1, dim // 2)  # (dim/2,)
-    return torch.cat([torch.cos(x * w), torch.sin(x * w)], dim=1)  # (grid, dim // 2 * 2)
-
-
 class VisionEncoder(nn.Module):
     """A convolutional stem, learned 2D (row + column) position embeddings, a few bidirectional
     blocks, projection to the text width. The output is normalised so every fusion design gets
@@ -275,11 +266,6 @@ class Config:
     # column is the red shape in" or "is it left of the blue one" to be read (docs/recipe.md). 0: the
     # models trained before it existed
     pos_std: float = 0.5
-    # start the row and column tables as sin-cos waves over the grid (cos(w x), sin(w x) at frequencies
-    # from half a wave across the image to one a patch; rows on the first half of the channels, columns
-    # on the second; RMS pos_std each) instead of N(0, pos_std^2): "left of" is then an order the
-    # tables already have, not one learned from random vectors (docs/recipe.md)
-    pos_sincos: bool = False
     # draw the stem's conv weights as He et al. (2015) do for ReLU-like activations, N(0, 2 / fan_in),
     # biases 0. PyTorch's default (False) draws a third of that variance, and the image's signal
     # shrinks ~3x a conv-GELU-pool stage; trained alone on one small shape's name, the encoder then
@@ -814,12 +800,7 @@ class VLM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
         for block in self.blocks:
             block.init_ca_from_sa()
-        if config.pos_std and config.pos_sincos:  # last, so that every other weight starts as it would without it
-            waves = sincos_table(self.vision.row_emb.size(0), self.vision.row_emb.size(-1) // 2) * 2 * config.pos_std
-            with torch.no_grad():  # (grid, vd / 2) each, the other half of each table zero
-                self.vision.row_emb.zero_()[:, 0, : waves.size(1)] = waves
-                self.vision.col_emb.zero_()[0, :, waves.size(1) : 2 * waves.size(1)] = waves
-        elif config.pos_std:
+        if config.pos_std:  # last, so that every other weight starts as it would without it
             nn.init.normal_(self.vision.row_emb, std=config.pos_std)
             nn.init.normal_(self.vision.col_emb, std=config.pos_std)
         if config.stem_he_init:  # after that, for the same reason

@@ -72,7 +72,6 @@ n_vis_head = 4
 n_vis_embd = 128
 stem_norm = True  # RMS-normalise the vision stem's output (False: the encoder of the tables before it)
 pos_std = 0.5  # initial std of the encoder's row and column embeddings (0: zeros, the tables before it)
-pos_sincos = False  # those embeddings start as sin-cos waves over the grid (an order) instead of random
 stem_he_init = False  # He's init for the vision stem's convs (False: PyTorch's default; docs/recipe.md)
 dropout = 0.0
 init_std = 0.0  # the text side's initial weights' std; 0: 1/sqrt(n_embd) (GPT-2's 0.02 learns question logic slower)
@@ -122,7 +121,7 @@ threads = 0  # CPU threads; 0: $OMP_NUM_THREADS if set, else the idle cores (cas
 # -----------------------------------------------------------------------------
 SETTINGS = list(configurator.settings(globals()))
 MODEL_KEYS = ["variant", "n_layer", "n_head", "n_embd", "block_size", "image_size", "patch_size",
-              "n_vis_layer", "n_vis_head", "n_vis_embd", "stem_norm", "pos_std", "pos_sincos", "stem_he_init", "dropout", "init_std", "ca_every", "compress_queries"]
+              "n_vis_layer", "n_vis_head", "n_vis_embd", "stem_norm", "pos_std", "stem_he_init", "dropout", "init_std", "ca_every", "compress_queries"]
 RANGES = {  # of every number setting, checked in one place (below); [ ] includes the bound, ( ) does not
     "n_layer n_head n_vis_layer n_vis_head": "[1, 1024]",
     "n_embd n_vis_embd": "[1, 65536]",
@@ -240,7 +239,7 @@ elif asked["init_from"]:
     _, src = read_checkpoint(asked["init_from"], "--init_from")
     sizes = casa.checkpoint_config(src["config"])
     clash = [f"{k}={sizes.get(k)!r} (asked {v!r})" for k, v in cli.items()
-             if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout", "init_std", "pos_std", "pos_sincos", "stem_he_init", "ca_every", "compress_queries")
+             if k in MODEL_KEYS and k not in ("variant", "block_size", "dropout", "init_std", "pos_std", "stem_he_init", "ca_every", "compress_queries")
              and sizes.get(k) != v]
     if clash:
         fail(f"--init_from: {asked['init_from']} has {', '.join(clash)}; the model sizes come from the checkpoint")

@@ -886,29 +886,6 @@ def test_pos_std_draws_the_position_embeddings_and_nothing_else():
     assert casa.Config(**casa.checkpoint_config({})).pos_std == 0.0 and casa.Config().pos_std == 0.5
 
 
-def test_pos_sincos_starts_the_tables_as_ordered_waves_and_changes_nothing_else():
-    """pos_sincos: rows on the first half of the channels, columns on the second, cos and sin of
-    (index + 0.5) times frequencies from pi / grid to pi, amplitude 2 pos_std (RMS pos_std a table);
-    the first column channel, cos(pi (j + 0.5) / grid), falls from left to right: an order from step 0.
-    Every other weight is the pos_std=0 model's, bit for bit."""
-    torch.manual_seed(0)
-    plain = casa.VLM(casa.Config(image_size=64, patch_size=8, pos_std=0.0)).state_dict()
-    torch.manual_seed(0)
-    waves = casa.VLM(casa.Config(image_size=64, patch_size=8, pos_std=0.5, pos_sincos=True)).state_dict()
-    for name, w in plain.items():
-        if name not in ("vision.row_emb", "vision.col_emb"):
-            assert torch.equal(w, waves[name]), name
-    rows, cols = waves["vision.row_emb"][:, 0], waves["vision.col_emb"][0]  # (8, 128) each
-    grid = 8
-    for j in range(grid):
-        assert cols[j, 64].item() == pytest.approx(math.cos(math.pi * (j + 0.5) / grid), abs=1e-6)
-        assert rows[j, 0].item() == pytest.approx(math.cos(math.pi * (j + 0.5) / grid), abs=1e-6)
-        assert rows[j, 63].item() == pytest.approx(math.sin(math.pi * (j + 0.5)), abs=1e-5)  # the last: pi
-    assert not rows[:, 64:].any() and not cols[:, :64].any()
-    assert (cols[1:, 64] < cols[:-1, 64]).all()
-    assert rows.pow(2).mean().sqrt().item() == pytest.approx(0.5, abs=1e-6)
-
-
 def test_stem_he_init_draws_the_stem_convs_at_two_over_fan_in_and_nothing_else():
     """stem_he_init redraws only the vision stem's conv weights (variance 2 / fan_in, He et al.) and
     zeroes their biases, after every other weight: the rest of the model is bit for bit the model
