@@ -206,7 +206,8 @@ def run(s):
             f"{dev}, {torch.get_num_threads()} thread(s); {wall:.0f} s for all of it. Memory: KV bytes in use after the "
             f"last frame, peak = parameters + KV tensors as allocated. Delay: how far behind real time the last frame's "
             f"answer is ready. Accuracy (trained video models, when given): exact match on data/video's validation clips "
-            f"streamed through the policy's cache."
+            f"streamed through the policy's cache; those models have their own N (Q = N/{s.compress} for the compressed "
+            f"one; the insertion window holds their last {s.window_frames} frames and turns, the text windows as named)."
             + "\n\n" + markdown_table(header, rows))
     if s.trained:  # the published table with accuracy is the one --trained=True makes, whatever the paths
         write_result("stream_policies_trained", text, data,
